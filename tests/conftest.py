@@ -49,3 +49,24 @@ def chinese_corpus(tmp_path_factory) -> Path:
     from zhllama import tiny
 
     return tiny.write_lines(tmp_path_factory.mktemp("corpus") / "zh.txt", tiny.chinese_sentences(3000, seed=7))
+
+
+@pytest.fixture(scope="session")
+def zh_sp_dir(tmp_path_factory, chinese_corpus) -> Path:
+    """A small Chinese SentencePiece model trained by 'zhllama vocab train' (chinese_sp.model inside)."""
+    from zhllama.cli import main
+
+    out = tmp_path_factory.mktemp("zh_sp") / "vocab"
+    assert main(["vocab", "train", str(chinese_corpus), "--out", str(out), "--vocab-size", "3000"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def merged_tokenizer_dir(tmp_path_factory, base_tokenizer_dir, zh_sp_dir) -> Path:
+    """The base tokenizer merged with the small Chinese model by 'zhllama vocab merge'."""
+    from zhllama.cli import main
+
+    out = tmp_path_factory.mktemp("merged") / "tokenizer"
+    args = ["vocab", "merge", "--base", str(base_tokenizer_dir), "--add", str(zh_sp_dir / "chinese_sp.model"), "--out", str(out)]
+    assert main(args) == 0
+    return out

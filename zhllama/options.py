@@ -57,6 +57,10 @@ def _unwrap_optional(tp: Any) -> Any:
 def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one argument per field of the options dataclass ``cls``."""
     hints = typing.get_type_hints(cls)
+    takes_positional_list = any(
+        f.metadata.get("positional") and typing.get_origin(_unwrap_optional(hints[f.name])) in (list, tuple)
+        for f in dataclasses.fields(cls)
+    )
     for f in dataclasses.fields(cls):
         if not f.init or "help" not in f.metadata:
             continue
@@ -80,6 +84,10 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         names = [flag_name(f.name)]
         if tp is bool:
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default, **kwargs)
+        elif is_list and takes_positional_list:
+            # one value per flag (--tokenizer A --tokenizer B CORPUS...): a greedy "+" would eat
+            # the positional arguments that follow
+            parser.add_argument(*names, dest=f.name, action="append", type=convert, default=None, required=required, **kwargs)
         elif is_list:
             parser.add_argument(
                 *names, dest=f.name, action="extend", nargs="+", type=convert, default=None, required=required, **kwargs
