@@ -49,11 +49,16 @@ def test_hf_encodes_like_sentencepiece(tokenizer_dir, texts):
 
 def test_hf_decodes_like_sentencepiece(tokenizer_dir, texts):
     hf, sp = load_hf_tokenizer(tokenizer_dir), load_sp_model(tokenizer_dir)
-    if not sp.is_byte(sp.piece_to_id("<0x41>")):
-        pytest.skip("without byte fallback SentencePiece decodes <unk> as ' ⁇ ', HF skips it")
+    byte_fallback = sp.is_byte(sp.piece_to_id("<0x41>"))
     for text in texts:
         ids = hf.encode(text)
-        assert hf.decode(ids, skip_special_tokens=True) == sp.decode(ids[1:])
+        expected = sp.decode(ids[1:])
+        if not byte_fallback and sp.unk_id() in ids:
+            # documented difference: SentencePiece renders <unk> as ' ⁇ ', HF drops it as special
+            expected = expected.replace(" \u2047 ", "").replace("\u2047", "")
+            assert hf.decode(ids, skip_special_tokens=True).replace(" ", "") == expected.replace(" ", "")
+            continue
+        assert hf.decode(ids, skip_special_tokens=True) == expected
 
 
 def test_decode_round_trips_llama_style(tmp_path, texts):

@@ -14,19 +14,7 @@ import sentencepiece as spm
 
 from zhllama import tiny
 
-LLAMA_STYLE = dict(
-    model_type="bpe",
-    byte_fallback=True,
-    split_digits=True,
-    normalization_rule_name="identity",
-    add_dummy_prefix=True,
-    remove_extra_whitespaces=False,
-    allow_whitespace_only_pieces=True,
-    unk_id=0,
-    bos_id=1,
-    eos_id=2,
-    pad_id=-1,
-)
+LLAMA_STYLE = tiny.LLAMA_STYLE_TRAINER_SPEC
 
 
 def training_lines(seed: int = 0, english: int = 1500, chinese: int = 300) -> list[str]:

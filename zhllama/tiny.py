@@ -14,6 +14,7 @@ import io
 import json
 import os
 import random
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -35,7 +36,20 @@ ENGLISH_WORDS = (
     "several change answer room sea against top turned learn point city play toward five using himself usually"
 ).split()
 
-LLAMA_STYLE_SPECIAL = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1}
+# How LLaMA's tokenizer.model was trained, as far as encoding is concerned.
+LLAMA_STYLE_TRAINER_SPEC = dict(
+    model_type="bpe",
+    byte_fallback=True,
+    split_digits=True,
+    normalization_rule_name="identity",
+    add_dummy_prefix=True,
+    remove_extra_whitespaces=False,
+    allow_whitespace_only_pieces=True,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+)
 
 
 @lru_cache(maxsize=1)
@@ -105,18 +119,11 @@ def train_base_sp_model(*, vocab_size: int = 1000, seed: int = 0, han_share: flo
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(english + chinese),
         model_writer=model,
-        model_type="bpe",
         vocab_size=vocab_size,
         character_coverage=0.9995,
-        byte_fallback=True,
-        split_digits=True,
-        normalization_rule_name="identity",
-        add_dummy_prefix=True,
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
         num_threads=1,
         minloglevel=2,
-        **LLAMA_STYLE_SPECIAL,
+        **LLAMA_STYLE_TRAINER_SPEC,
     )
     return model.getvalue()
 
@@ -179,6 +186,15 @@ def write_tiny_llama(
     return out_dir
 
 
+def chinese_number(n: int) -> str:
+    """0..99 in Chinese numerals (十一, 二十, 九十九)."""
+    numerals = "零一二三四五六七八九"
+    if n <= 10:
+        return (numerals + "十")[n]
+    tens, ones = divmod(n, 10)
+    return (numerals[tens] if tens > 1 else "") + "十" + (numerals[ones] if ones else "")
+
+
 def instruction_records(count: int, *, seed: int = 0) -> list[dict]:
     """Alpaca-style Chinese instructions with answers a tiny model can learn to produce."""
     rng = random.Random(seed)
@@ -197,7 +213,7 @@ def instruction_records(count: int, *, seed: int = 0) -> list[dict]:
             )
         elif kind == 2:
             word = rng.choice(words)
-            records.append({"instruction": f"“{word}”有几个字？", "input": "", "output": f"“{word}”有{'两' if len(word) == 2 else numerals[len(word)]}个字。"})
+            records.append({"instruction": f"“{word}”有几个字？", "input": "", "output": f"“{word}”有{'两' if len(word) == 2 else chinese_number(len(word))}个字。"})
         else:
             topic = rng.choice(words)
             records.append({"instruction": f"用一句话介绍{topic}。", "input": "", "output": f"{topic}是一个常见的词语。"})
@@ -213,3 +229,57 @@ def write_json(path: str | Path, records: list[dict]) -> Path:
 
 def cpu_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
+
+
+def pretrain_tiny_llama(
+    model_dir: str | Path,
+    texts: list[str],
+    *,
+    steps: int = 200,
+    block_size: int = 64,
+    batch_size: int = 16,
+    learning_rate: float = 3e-3,
+    seed: int = 0,
+) -> list[float]:
+    """Give a random tiny LLaMA some knowledge: train all its weights on ``texts`` for ``steps``
+    steps (transformers.Trainer, packed blocks, one epoch or more) and save it back in place.
+
+    A random model makes the pipeline's story meaningless (every loss starts at ln(vocab));
+    a few seconds of this gives a base whose Chinese loss (through byte fallback) the extended
+    model's new rows should start close to. Tokenised with the SentencePiece model in
+    ``model_dir`` so it does not depend on the HF tokenizer files. Returns the logged losses.
+    """
+    import sentencepiece as spm
+    import torch
+    from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+
+    model_dir = Path(model_dir)
+    sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    ids: list[int] = []
+    for line in sp.encode(texts):
+        ids += [sp.bos_id(), *line, sp.eos_id()]
+    blocks = torch.tensor(ids[: len(ids) // block_size * block_size]).view(-1, block_size)
+    if len(blocks) == 0:
+        raise ValueError(f"texts hold {len(ids)} tokens, fewer than one block of {block_size}")
+    dataset = [{"input_ids": block, "labels": block} for block in blocks]
+    model = LlamaForCausalLM.from_pretrained(str(model_dir))
+    args = TrainingArguments(
+        output_dir=str(model_dir / ".pretrain"),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 10),
+        weight_decay=0.0,
+        logging_steps=max(1, steps // 10),
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=seed,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    trainer.train()
+    model.save_pretrained(str(model_dir))
+    shutil.rmtree(model_dir / ".pretrain", ignore_errors=True)
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
