@@ -70,3 +70,15 @@ def merged_tokenizer_dir(tmp_path_factory, base_tokenizer_dir, zh_sp_dir) -> Pat
     args = ["vocab", "merge", "--base", str(base_tokenizer_dir), "--add", str(zh_sp_dir / "chinese_sp.model"), "--out", str(out)]
     assert main(args) == 0
     return out
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test's tiny models on one thread: two threads only add synchronisation at these
+    sizes, and a fixed thread count keeps float sums (hence resumed-run comparisons) stable."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

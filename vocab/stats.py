@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 from zhllama.corpus import iter_documents
-from zhllama.errors import ZhllamaError
 from zhllama.options import check, option
+from zhllama.outdir import atomic_output_file
 from zhllama.vocab.spmodel import is_han_char, load_sp_model, resolve_sp_model_path
 from zhllama.vocab.train import SampleReport, reservoir_sample
 
@@ -148,12 +148,8 @@ def tokenizer_stats(options: StatsOptions) -> list[TokenizerStats]:
 
 
 def write_stats_json(results: Sequence[TokenizerStats], path: str | Path) -> None:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps([asdict(r) for r in results], ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    except OSError as e:
-        raise ZhllamaError(f"{path}: cannot write JSON: {e.strerror or e}") from e
+    with atomic_output_file(path) as tmp:
+        tmp.write_text(json.dumps([asdict(r) for r in results], ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
 def _short(path: str, width: int = 40) -> str:

@@ -95,12 +95,30 @@ def load_tokenizer(directory: str | Path):
         )
     try:
         return AutoTokenizer.from_pretrained(str(directory))
-    except (OSError, ValueError) as e:
-        raise ZhllamaError(f"{directory}: cannot load tokenizer: {' '.join(str(e).split())}") from e
+    except Exception as e:  # tokenizers raises its own Exception subclass on a corrupt tokenizer.json
+        raise ZhllamaError(f"{directory}: cannot load tokenizer: {' '.join(str(e).split())[:300]}") from e
 
 
 def embedding_rows(model) -> int:
     return model.get_input_embeddings().weight.shape[0]
+
+
+def check_block_size(model_dir: str | Path, block_size: int) -> None:
+    """Refuse sequences longer than the model's context, before any weights are loaded."""
+    config_path = check_model_dir(model_dir) / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ZhllamaError(f"{config_path}: unreadable model config: {e}") from e
+    context = config.get("max_position_embeddings")
+    if context is not None and block_size > context:
+        raise ZhllamaError(f"--block-size {block_size} exceeds the model's context of {context} tokens ({config_path}); lower it")
+
+
+def embeddings_tied(model) -> bool:
+    """Whether the LM head shares its weight matrix with the input embeddings."""
+    output = model.get_output_embeddings()
+    return output is not None and output.weight is model.get_input_embeddings().weight
 
 
 def check_tokenizer_fits(tokenizer, model, *, tokenizer_dir: Path | str, model_dir: Path | str) -> None:
@@ -129,6 +147,12 @@ class ModelChain:
         """Rows the model had before ``zhllama extend`` (None when it was not extended by us)."""
         manifest = read_manifest(self.model_dir) or {}
         return manifest.get("figures", {}).get("base_vocab_size")
+
+    @property
+    def new_token_ids(self) -> list[int]:
+        """Ids ``zhllama extend`` added (base vocabulary .. tokenizer size; padding rows excluded)."""
+        base = self.base_vocab_size
+        return list(range(base, len(self.tokenizer))) if base is not None else []
 
     def describe(self) -> dict:
         return {
@@ -162,6 +186,7 @@ def load_chain(
     each adapter was trained on this base (fingerprint in its ``zhllama.json``), and the
     tokenizer fits the embedding matrix.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     model_dir = check_model_dir(model_dir)
@@ -173,8 +198,8 @@ def load_chain(
     tokenizer = load_tokenizer(tokenizer_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype(dtype))
-    except (OSError, ValueError) as e:
-        raise ZhllamaError(f"{model_dir}: cannot load model: {' '.join(str(e).split())}") from e
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ZhllamaError(f"{model_dir}: cannot load model: {' '.join(str(e).split())[:300]}") from e
     check_tokenizer_fits(tokenizer, model, tokenizer_dir=tokenizer_dir, model_dir=model_dir)
     for adapter_dir in adapter_dirs:
         model = apply_adapter(model, adapter_dir)
@@ -184,11 +209,16 @@ def load_chain(
 def apply_adapter(model, adapter_dir: Path):
     """Apply one peft adapter and merge it into the weights (the next link builds on it)."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    config_path = adapter_dir / "adapter_config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ZhllamaError(f"{config_path}: unreadable adapter config: {e}") from e
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as e:
         raise ZhllamaError(
             f"adapter {adapter_dir} ({config.get('peft_type', '?')}) does not fit the model: {' '.join(str(e).split())[:300]}"
         ) from e

@@ -3,7 +3,9 @@
 The table below is the only list of sub-commands. Each entry names the stage module holding
 a :class:`zhllama.options.Command` (options dataclass + function); stage modules are imported
 only when their command runs, so ``zhllama --help`` stays fast. User errors
-(:class:`ZhllamaError`) end as one line on stderr and exit status 1; Ctrl-C exits 130.
+(:class:`ZhllamaError`, bad flags, and operating-system errors such as a full disk or a
+read-only directory) end as one line on stderr and exit status 1; Ctrl-C exits 130.
+The table of every such error is ``docs/errors.md``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Sequence
 
 from zhllama import __version__
 from zhllama.errors import ZhllamaError
+from zhllama.outdir import os_error_reason
 
 # name -> (module, attribute, one-line summary)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -28,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("zhllama.sft.cli", "sft", "instruction-tune a model chain with LoRA"),
     "chat": ("zhllama.sft.cli", "chat", "chat with (or complete text from) a model chain"),
     "merge": ("zhllama.merge.cli", "merge", "bake an adapter chain into one checkpoint, shard by shard"),
+    "export gguf": ("zhllama.merge.cli", "export_gguf", "export a merged LLaMA checkpoint to GGUF for llama.cpp"),
     "demo": ("zhllama.demo", "demo", "run the whole pipeline on a built-in tiny default"),
 }
 
@@ -57,11 +61,19 @@ def _split_command(argv: Sequence[str]) -> tuple[str, list[str]]:
     raise ZhllamaError(f"unknown command '{argv[0]}'; run 'zhllama --help' for the list")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one :class:`ZhllamaError` line, like every
+    other user error, instead of printing the whole usage and exiting 2."""
+
+    def error(self, message: str):
+        raise ZhllamaError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
 def build_parser(name: str, command) -> argparse.ArgumentParser:
     from zhllama.options import add_options
 
     doc = (command.run.__doc__ or COMMANDS[name][2]).strip()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=f"zhllama {name}",
         description=doc.split("\n\n")[0],
         epilog=(
@@ -150,6 +162,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_command(name, rest)
     except ZhllamaError as e:
         print(f"zhllama: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        # a full disk, a read-only or permission-denied directory (also when a library reports
+        # it in its own exception type): one line; outputs are temporary siblings that
+        # atomic_output_dir has already removed. Anything else is a bug: keep the traceback.
+        reason = os_error_reason(e)
+        if reason is None:
+            raise
+        paths = [str(p) for p in (getattr(e, "filename", None), getattr(e, "filename2", None)) if p is not None]
+        print(f"zhllama: error: {' -> '.join(paths) + ': ' if paths else ''}{reason}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("zhllama: interrupted", file=sys.stderr)

@@ -160,6 +160,51 @@ def _record_text(record: object, text_field: str, where: str) -> str:
     return value
 
 
+def _array_records(text: str, path: Path) -> Iterator[tuple[str, object]]:
+    """The records of a JSON array, parsed one by one so that an error can say which record."""
+    decoder = json.JSONDecoder()
+    end = len(text)
+
+    def fail(where: str, message: str, at: int) -> ZhllamaError:
+        line = text.count("\n", 0, at) + 1
+        column = at - (text.rfind("\n", 0, at) + 1) + 1
+        return ZhllamaError(f"{path}:{line}: malformed JSON {where}: {message} (column {column})")
+
+    def skip_space(at: int) -> int:
+        while at < end and text[at] in " \t\r\n":
+            at += 1
+        return at
+
+    pos = skip_space(1)  # text starts with "["
+    number = 0
+    if pos < end and text[pos] == "]":
+        pos = skip_space(pos + 1)
+        if pos != end:
+            raise fail("after the closing ]", "extra data", pos)
+        return
+    while True:
+        if pos >= end:
+            raise fail(f"in record {number + 1}", "the array is not closed (truncated file?)", end)
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise fail(f"in record {number + 1}", e.msg, e.pos) from e
+        number += 1
+        yield f"{path} record {number}", record
+        pos = skip_space(pos)
+        if pos < end and text[pos] == ",":
+            pos = skip_space(pos + 1)
+        elif pos < end and text[pos] == "]":
+            pos = skip_space(pos + 1)
+            if pos != end:
+                raise fail("after the closing ]", "extra data", pos)
+            return
+        elif pos >= end:
+            raise fail(f"after record {number}", "the array is not closed (truncated file?)", end)
+        else:
+            raise fail(f"after record {number}", "expected ',' or ']'", pos)
+
+
 def read_json_records(path: Path, *, strict: bool = True, report: CorpusReport | None = None) -> Iterator[tuple[str, object]]:
     """Records of a JSON array or JSON-lines file as (location, record); malformed JSON raises.
 
@@ -168,23 +213,19 @@ def read_json_records(path: Path, *, strict: bool = True, report: CorpusReport |
     """
     report = report if report is not None else CorpusReport()
     with open_binary(path) as fh:
-        head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if head.startswith(b"["):
-        with open_binary(path) as fh:
-            try:
-                raw = fh.read()
-            except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
-                raise ZhllamaError(f"{path}: corrupt or truncated gzip data: {e}") from e
         try:
-            records = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
+            head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+            raw = head + fh.read() if head.startswith(b"[") else b""
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise ZhllamaError(f"{path}: corrupt or truncated gzip data: {e}") from e
+        except OSError as e:
+            raise ZhllamaError(f"{path}: read failed: {e.strerror or e}") from e
+    if head.startswith(b"["):
+        try:
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ZhllamaError(f"{path}: not valid UTF-8 at byte {e.start}") from e
-        except json.JSONDecodeError as e:
-            raise ZhllamaError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from e
-        if not isinstance(records, list):
-            raise ZhllamaError(f"{path}: expected a JSON array of records")
-        for i, record in enumerate(records, 1):
-            yield f"{path} record {i}", record
+        yield from _array_records(text, path)
         return
     for lineno, line in _decoded_lines(path, strict, report):
         if not line.strip():

@@ -220,6 +220,38 @@ def instruction_records(count: int, *, seed: int = 0) -> list[dict]:
     return records
 
 
+CHINESE_FACTS = (
+    ("中国的首都是哪里？", "中国的首都是北京。"),
+    ("日本的首都是哪里？", "日本的首都是东京。"),
+    ("法国的首都是哪里？", "法国的首都是巴黎。"),
+    ("英国的首都是哪里？", "英国的首都是伦敦。"),
+    ("美国的首都是哪里？", "美国的首都是华盛顿。"),
+    ("一年有几个季节？", "一年有四个季节：春、夏、秋、冬。"),
+    ("一周有几天？", "一周有七天。"),
+    ("一天有多少小时？", "一天有二十四小时。"),
+    ("太阳从哪边升起？", "太阳从东边升起。"),
+    ("水在多少度结冰？", "水在零摄氏度结冰。"),
+    ("地球绕着什么转？", "地球绕着太阳转。"),
+    ("月亮绕着什么转？", "月亮绕着地球转。"),
+    ("熊猫吃什么？", "熊猫主要吃竹子。"),
+    ("中国最长的河是哪条？", "中国最长的河是长江。"),
+    ("世界上最高的山是哪座？", "世界上最高的山是珠穆朗玛峰。"),
+    ("李白是谁？", "李白是唐代著名的诗人。"),
+    ("《红楼梦》的作者是谁？", "《红楼梦》的作者是曹雪芹。"),
+    ("中秋节吃什么？", "中秋节吃月饼。"),
+    ("春节是哪一天？", "春节是农历正月初一。"),
+    ("人有几只手？", "人有两只手。"),
+)
+
+
+def fact_records(count: int, *, seed: int = 0) -> list[dict]:
+    """Alpaca-style records drawn (with repetition) from a fixed set of short Chinese questions
+    with true answers: few enough that a tiny model memorises them in a couple of hundred SFT
+    steps, so the demo's chat answer is a real sentence rather than noise."""
+    rng = random.Random(seed)
+    return [{"instruction": q, "input": "", "output": a} for q, a in rng.choices(CHINESE_FACTS, k=count)]
+
+
 def write_json(path: str | Path, records: list[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,208 @@
+"""Reading a checkpoint one shard at a time, and writing safetensors shards one tensor at a time.
+
+:class:`Checkpoint` lists the tensors of a Hugging Face model directory (single file or sharded,
+safetensors or ``.bin``) from the file headers alone, then yields the tensors of one shard at a
+time, so nothing ever holds the whole model.
+
+:class:`ShardWriter` writes a safetensors file tensor by tensor. The safetensors package only
+writes a whole dict of tensors at once (and serialises it to bytes first, so a shard would sit
+in memory twice); since the header only needs names, dtypes and shapes, which we know before
+merging, we write it first and then stream each tensor's bytes behind it. The result is an
+ordinary safetensors file (the tests load it with ``safetensors`` and ``transformers``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from zhllama.errors import ZhllamaError
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_SAFETENSORS_TO_TORCH = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"2GB"`` → 2_000_000_000 (decimal units as transformers uses; ``GiB`` is binary)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(text), re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"'{text}' is not a size like 2GB, 500MB or 1GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").upper()])
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class Checkpoint:
+    """The weight files of a model directory, read shard by shard."""
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        self.shards = self._shard_files()
+        self.tensors: dict[str, TensorInfo] = {}
+        self.shard_of: dict[str, Path] = {}
+        for shard in self.shards:
+            for info in self._read_header(shard):
+                self.tensors[info.name] = info
+                self.shard_of[info.name] = shard
+
+    def _shard_files(self) -> list[Path]:
+        for index_name, single in (
+            ("model.safetensors.index.json", "model.safetensors"),
+            ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+        ):
+            index = self.model_dir / index_name
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                except (OSError, ValueError, KeyError) as e:
+                    raise ZhllamaError(f"{index}: unreadable shard index ({e})") from e
+                files = [self.model_dir / name for name in dict.fromkeys(weight_map.values())]
+                missing = [f.name for f in files if not f.is_file()]
+                if missing:
+                    raise ZhllamaError(f"{index}: lists shard(s) that are missing: {', '.join(missing)}")
+                return files
+            if (self.model_dir / single).is_file():
+                return [self.model_dir / single]
+        raise ZhllamaError(f"{self.model_dir}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json)")
+
+    def _read_header(self, shard: Path) -> list[TensorInfo]:
+        from safetensors import SafetensorError
+
+        try:
+            if shard.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(shard), framework="pt") as fh:
+                    return [
+                        TensorInfo(k, tuple(fh.get_slice(k).get_shape()), _SAFETENSORS_TO_TORCH[fh.get_slice(k).get_dtype()])
+                        for k in fh.keys()
+                    ]
+            state = self._load_bin(shard)
+            return [TensorInfo(k, tuple(v.shape), v.dtype) for k, v in state.items()]
+        except (OSError, RuntimeError, KeyError, ValueError, SafetensorError) as e:
+            raise ZhllamaError(f"{shard}: cannot read weights: {' '.join(str(e).split())[:200]}") from e
+
+    @staticmethod
+    def _load_bin(shard: Path) -> dict[str, torch.Tensor]:
+        # mmap: the tensors are read from disk as they are touched, not all at once
+        return torch.load(str(shard), map_location="cpu", weights_only=True, mmap=True)
+
+    def iter_shard(self, shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors of one shard, one at a time (each a fresh in-memory copy)."""
+        if shard.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(shard), framework="pt") as fh:
+                for name in fh.keys():
+                    yield name, fh.get_tensor(name)
+        else:
+            state = self._load_bin(shard)
+            for name in list(state):
+                yield name, state.pop(name).clone()
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for shard in self.shards:
+            yield from self.iter_shard(shard)
+
+
+@dataclass(frozen=True)
+class PlannedShard:
+    filename: str
+    tensors: tuple[TensorInfo, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel * t.dtype.itemsize for t in self.tensors)
+
+
+def plan_shards(tensors: list[TensorInfo], max_shard_bytes: int) -> list[PlannedShard]:
+    """Group tensors, in order, into shards of at most ``max_shard_bytes`` (a bigger tensor gets its own)."""
+    groups: list[list[TensorInfo]] = [[]]
+    size = 0
+    for info in tensors:
+        nbytes = info.numel * info.dtype.itemsize
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(info)
+        size += nbytes
+    if len(groups) == 1:
+        return [PlannedShard("model.safetensors", tuple(groups[0]))]
+    n = len(groups)
+    return [PlannedShard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups)]
+
+
+def write_index(out_dir: Path, shards: list[PlannedShard]) -> None:
+    """``model.safetensors.index.json``, also for a single shard: ``save_pretrained`` omits it then,
+    but tools that look for the index (and readers checking the output) find it either way, and
+    loaders prefer ``model.safetensors`` when both exist."""
+    index = {
+        "metadata": {"total_size": sum(s.nbytes for s in shards)},
+        "weight_map": {t.name: s.filename for s in shards for t in s.tensors},
+    }
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+class ShardWriter:
+    """Write one planned safetensors shard, tensor by tensor, in the planned order."""
+
+    def __init__(self, path: Path, shard: PlannedShard):
+        self.path = path
+        self.expected = list(shard.tensors)
+        self.sha256 = hashlib.sha256()
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for info in self.expected:
+            end = offset + info.numel * info.dtype.itemsize
+            header[info.name] = {"dtype": SAFETENSORS_DTYPES[info.dtype], "shape": list(info.shape), "data_offsets": [offset, end]}
+            offset = end
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # the data must start 8-byte aligned
+        self.fh = open(path, "wb")
+        self._write(struct.pack("<Q", len(raw)) + raw)
+
+    def _write(self, data) -> None:
+        self.sha256.update(data)
+        self.fh.write(data)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        info = self.expected.pop(0)
+        if info.name != name or tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+            raise RuntimeError(f"internal error: shard {self.path.name} expected {info}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        self._write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+    def close(self) -> str:
+        """Finish the file and return its SHA-256."""
+        self.fh.close()
+        if self.expected:
+            raise RuntimeError(f"internal error: shard {self.path.name} is missing {[t.name for t in self.expected]}")
+        return self.sha256.hexdigest()

@@ -1,0 +1,313 @@
+"""``zhllama merge``: bake a base model plus an ordered adapter chain into one checkpoint.
+
+The flow: check every input (directories, the base each adapter was made for, every adapter
+tensor against the base tensor it changes) → plan the output shards → stream the base shard
+by shard, applying each adapter's edits in chain order in fp32 → write config, tokenizer and
+manifest → optionally verify against peft and export GGUF. Everything goes to a temporary
+sibling of ``--out`` that is renamed only at the end.
+
+Peak memory is one base shard (read through a memory map) plus the adapters plus one tensor
+in fp32: the output is streamed to disk tensor by tensor (see :mod:`zhllama.merge.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zhllama.chain import (
+    DTYPES,
+    TOKENIZER_FILES,
+    ModelChain,
+    check_adapter_base,
+    check_adapter_dir,
+    check_model_dir,
+    model_fingerprint,
+    tokenizer_dir_of,
+    torch_dtype,
+)
+from zhllama.errors import ZhllamaError
+from zhllama.merge.adapters import Adapter, fit_to_base, read_adapter
+from zhllama.merge.checkpoint import Checkpoint, ShardWriter, TensorInfo, parse_size, plan_shards, write_index
+from zhllama.options import check, option
+from zhllama.outdir import atomic_output_dir, check_output_target, copy_files, read_manifest, write_manifest
+
+EMBEDDING = "model.embed_tokens.weight"
+OUTPUT_EMBEDDING = "lm_head.weight"
+
+
+@dataclass
+class MergeOptions:
+    """Options of ``zhllama merge``."""
+
+    model: Path = option(help="base model directory the adapters were trained on (e.g. the output of zhllama extend)")
+    adapter: list[Path] = option(help="adapter directory, in chain order (repeat: --adapter stage1 --adapter stage2 --adapter sft)")
+    out: Path = option(help="output directory for the merged checkpoint")
+    dtype: str | None = option(None, choices=DTYPES, help="dtype of the merged weights (default: the base model's)")
+    max_shard_size: str = option("2GB", help="largest output shard, e.g. 2GB, 500MB, 1GiB")
+    verify: bool = option(False, help="compare the merged model's logits with the base + adapter chain loaded through peft")
+    gguf: Path | None = option(None, help="also write a GGUF file for llama.cpp here")
+    overwrite: bool = option(False, help="replace --out (and --gguf) if they exist")
+    allow_base_mismatch: bool = option(False, help="merge adapters recorded as trained on another base anyway")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.adapter:
+            problems.append("--adapter: give at least one adapter directory")
+        try:
+            parse_size(self.max_shard_size)
+        except ValueError as e:
+            problems.append(f"--max-shard-size: {e}")
+        if self.gguf is not None and self.gguf.suffix != ".gguf":
+            problems.append(f"--gguf: '{self.gguf}' should end in .gguf")
+        if self.gguf is not None and self.gguf.exists() and not self.overwrite:
+            problems.append(f"--gguf: {self.gguf} exists; pass --overwrite to replace it")
+        check(problems)
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    shards: list[str]
+    tensors: int
+    max_logit_diff: float | None
+    gguf: Path | None
+
+
+def _read_config(model_dir: Path) -> dict:
+    try:
+        return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ZhllamaError(f"{model_dir / 'config.json'}: unreadable ({e})") from e
+
+
+def _base_dtype(config: dict) -> str:
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float16").removeprefix("torch.")
+    return name if name in DTYPES else "float16"
+
+
+def _tied(config: dict, model_dir: Path) -> bool:
+    if "tie_word_embeddings" in config:
+        return bool(config["tie_word_embeddings"])
+    from transformers import AutoConfig  # the architecture's default
+
+    return bool(getattr(AutoConfig.from_pretrained(str(model_dir)), "tie_word_embeddings", False))
+
+
+def _check_tokenizer(tokenizer_dir: Path, rows: int, model_dir: Path) -> None:
+    model_file = tokenizer_dir / "tokenizer.model"
+    if not model_file.is_file():
+        return
+    import sentencepiece as spm
+
+    pieces = spm.SentencePieceProcessor(model_file=str(model_file)).get_piece_size()
+    if pieces > rows:
+        raise ZhllamaError(
+            f"tokenizer {model_file} has {pieces} pieces but {model_dir} has {rows} embedding rows (vocab {rows} vs "
+            f"{pieces}): the adapter was made for another extended model; pass the model it was trained on"
+        )
+
+
+def prepare(options: MergeOptions) -> tuple[Checkpoint, list[Adapter], bool, str]:
+    """Every check merge makes before writing a byte; returns the base, the fitted adapters, tying and fingerprint."""
+    model_dir = check_model_dir(options.model)
+    adapter_dirs = [check_adapter_dir(a) for a in options.adapter]
+    fingerprint = model_fingerprint(model_dir)
+    for adapter_dir in adapter_dirs:
+        check_adapter_base(adapter_dir, fingerprint, model_dir, options.allow_base_mismatch)
+    base = Checkpoint(model_dir)
+    tied = _tied(_read_config(model_dir), model_dir)
+    if EMBEDDING not in base.tensors:
+        raise ZhllamaError(f"{model_dir}: no {EMBEDDING}; merge handles LLaMA-architecture checkpoints")
+    shapes = {name: info.shape for name, info in base.tensors.items()}
+    aliases = {OUTPUT_EMBEDDING: EMBEDDING} if tied else {}
+    adapters = []
+    for adapter_dir in adapter_dirs:
+        adapter = read_adapter(adapter_dir)
+        fit_to_base(adapter, shapes, aliases, model_dir)
+        adapters.append(adapter)
+    _check_tokenizer(tokenizer_dir_of(model_dir, adapter_dirs), shapes[EMBEDDING][0], model_dir)
+    return base, adapters, tied, fingerprint
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    # min and max are NaN if any value is, and ±inf if any value is: one pass, no bool copy
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
+def _merge_tensor(name: str, tensor: torch.Tensor, adapters: list[Adapter], dtype: torch.dtype) -> torch.Tensor:
+    """Apply every adapter's edits of ``name`` in chain order (in fp32), then cast to ``dtype``."""
+    if not tensor.is_floating_point():
+        return tensor
+    weight = None
+    for adapter in adapters:
+        edits = [e for e in adapter.edits if e.target == name]
+        if not edits:
+            continue
+        if weight is None:
+            weight = tensor.to(torch.float32, copy=True)
+        for edit in sorted(edits, key=lambda e: ("replace", "lora", "rows").index(e.kind)):
+            weight = edit.apply(weight)
+        if not _all_finite(weight):
+            raise ZhllamaError(f"adapter {adapter.directory} makes {name} non-finite (NaN/inf); the adapter is broken")
+    if weight is None:
+        return tensor.to(dtype)
+    merged = weight.to(dtype)
+    if dtype.itemsize < 4 and not _all_finite(merged):
+        raise ZhllamaError(f"{name}: merged values overflow {str(dtype).removeprefix('torch.')}; choose --dtype bfloat16 or float32")
+    return merged
+
+
+def _write_shards(base: Checkpoint, adapters: list[Adapter], tied: bool, dtype: torch.dtype, max_bytes: int, out: Path) -> dict[str, str]:
+    from tqdm import tqdm
+
+    def out_dtype(info: TensorInfo) -> torch.dtype:
+        return dtype if info.dtype.is_floating_point else info.dtype
+
+    wanted = [
+        TensorInfo(info.name, info.shape, out_dtype(info))
+        for info in base.tensors.values()
+        if not (tied and info.name == OUTPUT_EMBEDDING)  # tied: lm_head is the embedding, stored once
+    ]
+    shards = plan_shards(wanted, max_bytes)
+    shard_of = {t.name: i for i, s in enumerate(shards) for t in s.tensors}
+    writers: dict[int, ShardWriter] = {}
+    hashes: dict[str, str] = {}
+    with tqdm(total=len(wanted), desc="merging", unit="tensor", file=sys.stderr) as progress:
+        for name, tensor in base.iter_tensors():
+            if name not in shard_of:
+                continue
+            index = shard_of[name]
+            if index not in writers:
+                writers[index] = ShardWriter(out / shards[index].filename, shards[index])
+            writers[index].write(name, _merge_tensor(name, tensor, adapters, out_dtype(base.tensors[name])))
+            del tensor
+            if not writers[index].expected:
+                hashes[shards[index].filename] = writers.pop(index).close()
+            progress.update()
+    write_index(out, shards)
+    return hashes
+
+
+def _write_config(model_dir: Path, out: Path, dtype: str, vocab_rows: int) -> None:
+    """The base's config.json with the embedding's real row count and the new dtype; its generation config."""
+    config = _read_config(model_dir)
+    config["vocab_size"] = vocab_rows  # whatever the base config said (a classic cause of broken merges)
+    config["dtype"] = dtype
+    if "torch_dtype" in config:  # written by transformers 4.x
+        config["torch_dtype"] = dtype
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if (model_dir / "generation_config.json").is_file():
+        shutil.copy2(model_dir / "generation_config.json", out / "generation_config.json")
+    else:
+        from transformers import AutoConfig, GenerationConfig
+
+        GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(out))).save_pretrained(str(out))
+
+
+def _sft_template(adapters: list[Adapter]) -> str | None:
+    """The prompt template the last SFT adapter of the chain recorded (so ``zhllama chat`` can use it)."""
+    template = None
+    for adapter in adapters:
+        manifest = read_manifest(adapter.directory) or {}
+        template = manifest.get("template") or manifest.get("options", {}).get("template") or template
+    return template
+
+
+def _gguf_target(options: MergeOptions, out: Path) -> Path | None:
+    if options.gguf is None:
+        return None
+    target = options.gguf.expanduser().resolve()
+    if not target.is_relative_to(out.resolve()) and not (target.parent.is_dir() and os.access(target.parent, os.W_OK)):
+        raise ZhllamaError(f"--gguf: directory {target.parent} does not exist or is not writable")
+    return target
+
+
+def _write_manifest(tmp: Path, options: MergeOptions, base: Checkpoint, adapters: list[Adapter], **facts) -> None:
+    model_dir = base.model_dir
+    fingerprint, tied = facts.pop("fingerprint"), facts["tied_embeddings"]
+    base_figures = (read_manifest(model_dir) or {}).get("figures", {})
+    chain = ModelChain(
+        model=None, tokenizer=None, model_dir=model_dir, adapters=[a.directory for a in adapters],
+        tokenizer_dir=facts.pop("tokenizer_dir"), fingerprint=fingerprint,
+    )
+    write_manifest(
+        tmp,
+        command="merge",
+        options=options,
+        inputs={"model": {"path": str(model_dir.resolve()), "fingerprint": fingerprint}, "adapters": [a.directory for a in adapters]},
+        figures={
+            "vocab_size": base.tensors[EMBEDDING].shape[0],
+            "base_vocab_size": base_figures.get("base_vocab_size"),  # rows before `zhllama extend`, for eval
+            "tensors": len(base.tensors) - int(tied and OUTPUT_EMBEDDING in base.tensors),
+            "edits": [
+                {"adapter": str(a.directory), "lora": sum(e.kind == "lora" for e in a.edits), "rows": len(a.changed_rows),
+                 "replaced": sum(e.kind == "replace" for e in a.edits)}
+                for a in adapters
+            ],
+            "max_logit_diff": facts.pop("max_logit_diff"),
+            "logit_tolerance": facts.pop("tolerance"),
+            "seconds": facts.pop("seconds"),
+        },
+        chain=chain.describe(),
+        outputs={name: {"sha256": digest} for name, digest in facts.pop("hashes").items()},
+        template=_sft_template(adapters),
+        **facts,
+    )
+
+
+def merge_chain(options: MergeOptions) -> MergeResult:
+    """Bake a base model and an ordered chain of peft adapters into one checkpoint, shard by shard.
+
+    Writes safetensors shards (+ index), config.json with the right vocab size,
+    generation_config.json, the chain's tokenizer and zhllama.json; with ``verify`` compares the
+    logits with the peft chain; with ``gguf`` also writes a llama.cpp GGUF file (to a temporary
+    name beside it, renamed with the output directory).
+    """
+    started = time.time()
+    out = check_output_target(options.out, options.overwrite)
+    gguf_target = _gguf_target(options, out)
+    base, adapters, tied, fingerprint = prepare(options)
+    model_dir = base.model_dir
+    dtype_name = options.dtype or _base_dtype(_read_config(model_dir))
+    tokenizer_dir = tokenizer_dir_of(model_dir, [a.directory for a in adapters])
+    max_logit_diff = tolerance = None
+    gguf_tmp = None
+    try:
+        with atomic_output_dir(out, overwrite=options.overwrite) as tmp:
+            hashes = _write_shards(base, adapters, tied, torch_dtype(dtype_name), parse_size(options.max_shard_size), tmp)
+            _write_config(model_dir, tmp, dtype_name, base.tensors[EMBEDDING].shape[0])
+            copy_files(TOKENIZER_FILES, tokenizer_dir, tmp)
+            if options.verify:
+                from zhllama.merge.verify import verify_merged
+
+                max_logit_diff, tolerance = verify_merged(tmp, model_dir, adapters, dtype_name, tokenizer_dir)
+            if gguf_target is not None:
+                from zhllama.merge.gguf_export import export_gguf
+
+                inside = gguf_target.is_relative_to(out.resolve())  # --gguf OUT/model.gguf goes with the directory
+                gguf_tmp = tmp / gguf_target.relative_to(out.resolve()) if inside else gguf_target.with_name(f".{gguf_target.name}.tmp-{os.getpid()}")
+                gguf_tmp.parent.mkdir(parents=True, exist_ok=True)
+                export_gguf(tmp, gguf_tmp, name=out.name)
+                gguf_tmp = None if inside else gguf_tmp
+            _write_manifest(
+                tmp, options, base, adapters, fingerprint=fingerprint, tokenizer_dir=tokenizer_dir, hashes=hashes,
+                max_logit_diff=max_logit_diff, tolerance=tolerance, seconds=round(time.time() - started, 2),
+                tied_embeddings=tied, dtype=dtype_name, gguf=str(gguf_target) if gguf_target else None,
+            )
+    except BaseException:
+        if gguf_tmp is not None:
+            gguf_tmp.unlink(missing_ok=True)
+        raise
+    if gguf_tmp is not None:
+        gguf_tmp.replace(gguf_target)
+    print(f"merged {len(adapters)} adapter(s) into {out} ({len(hashes)} shard(s), {dtype_name})", file=sys.stderr)
+    return MergeResult(out, sorted(hashes), len(base.tensors), max_logit_diff, gguf_target)

@@ -1,0 +1,232 @@
+"""zhllama merge: a chain of peft adapters baked into one checkpoint equals the chain."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from merge_fixtures import chain_adapters, chain_model, load_merged, logits, make_adapter
+from zhllama.chain import load_chain
+from zhllama.cli import main
+from zhllama.outdir import file_sha256
+
+NEW_ROWS = list(range(900, 1000))  # as if `zhllama extend` had added the last 100 pieces
+IDS = [1, 5, 17, 250, 901, 950, 999, 42, 3]
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def chain(request, tmp_path_factory, tiny_model_dir, tiny_tied_model_dir):
+    model_dir = tiny_tied_model_dir if request.param == "tied" else tiny_model_dir
+    work = tmp_path_factory.mktemp(f"chain_{request.param}")
+    return model_dir, chain_adapters(model_dir, work, tied=request.param == "tied", new_rows=NEW_ROWS)
+
+
+def merge_args(model_dir: Path, adapters: list[Path], out: Path, *extra: str) -> list[str]:
+    return ["merge", "--model", str(model_dir), *[a for adapter in adapters for a in ("--adapter", str(adapter))], "--out", str(out), *extra]
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as fh:
+            tensors.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return tensors
+
+
+def test_merged_logits_equal_the_peft_chain(chain, tmp_path):
+    model_dir, adapters = chain
+    out = tmp_path / "merged"
+    assert main(merge_args(model_dir, adapters, out, "--dtype", "float32", "--max-shard-size", "60KB")) == 0
+
+    reference = load_chain(model_dir, adapters).model
+    merged = load_merged(out)
+    assert torch.allclose(logits(merged, IDS), logits(reference, IDS), atol=1e-5, rtol=0)
+    # the chain did change the model, including the new rows
+    assert not torch.allclose(logits(load_merged(model_dir), IDS), logits(merged, IDS), atol=1e-3)
+
+    tied = "tied" in model_dir.name
+    tensors = weights(out)
+    assert ("lm_head.weight" in tensors) is (not tied)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == shards
+    assert set(index["weight_map"]) == set(tensors)
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == tensors["model.embed_tokens.weight"].shape[0] == 1000
+    assert config["tie_word_embeddings"] is tied
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "zhllama.json").read_text())
+    assert manifest["template"] == "alpaca"
+    assert manifest["chain"]["adapters"] == [str(a.resolve()) for a in adapters]
+    assert {name: entry["sha256"] for name, entry in manifest["outputs"].items()} == {s: file_sha256(out / s) for s in shards}
+    assert not list(tmp_path.glob(".merged.tmp-*"))
+
+
+def test_only_targeted_tensors_change_and_rows_are_replaced(chain, tmp_path):
+    model_dir, adapters = chain
+    out = tmp_path / "merged"
+    assert main(merge_args(model_dir, adapters[:1], out, "--dtype", "float32")) == 0
+    base, merged = weights(model_dir), weights(out)
+    # one shard, and still an index naming it
+    assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"] == dict.fromkeys(merged, "model.safetensors")
+    vocab_matrices = {"model.embed_tokens.weight", "lm_head.weight"} & base.keys()  # untied: both got new rows
+    for name, tensor in merged.items():
+        if name not in vocab_matrices:
+            assert torch.equal(tensor, base[name]), name
+    for name in vocab_matrices:
+        assert torch.equal(merged[name][: NEW_ROWS[0]], base[name][: NEW_ROWS[0]])  # original ids never move
+        assert not torch.equal(merged[name][NEW_ROWS], base[name][NEW_ROWS])
+
+
+def test_sharded_input_gives_the_same_checkpoint(chain, tmp_path):
+    model_dir, adapters = chain
+    sharded = tmp_path / "sharded_base"
+    load_merged(model_dir).save_pretrained(str(sharded), max_shard_size="50KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "config.json"):
+        shutil.copy2(model_dir / name, sharded / name)
+    from_single, from_shards = tmp_path / "a", tmp_path / "b"
+    assert main(merge_args(model_dir, adapters, from_single, "--dtype", "float32")) == 0
+    # the adapters record the unsharded base's fingerprint; the same weights resharded are fine
+    assert main(merge_args(sharded, adapters, from_shards, "--dtype", "float32", "--allow-base-mismatch")) == 0
+    single, shards = weights(from_single), weights(from_shards)
+    assert single.keys() == shards.keys()
+    assert all(torch.equal(single[k], shards[k]) for k in single)
+
+
+def test_half_precision_merge_verifies(chain, tmp_path):
+    model_dir, adapters = chain
+    out = tmp_path / "merged"
+    assert main(merge_args(model_dir, adapters, out, "--dtype", "bfloat16", "--verify")) == 0
+    assert all(t.dtype == torch.bfloat16 for t in weights(out).values())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    figures = json.loads((out / "zhllama.json").read_text())["figures"]
+    assert 0 < figures["max_logit_diff"] <= figures["logit_tolerance"]
+
+
+def test_embedding_lora_and_modules_to_save(tiny_model_dir, tmp_path):
+    from peft import LoraConfig
+
+    full = make_adapter(tiny_model_dir, [], LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]), tmp_path / "full", seed=4)
+    embed_lora = make_adapter(tiny_model_dir, [full], LoraConfig(r=4, lora_alpha=4, target_modules=["embed_tokens", "o_proj"]), tmp_path / "emb", seed=5)
+    out = tmp_path / "merged"
+    assert main(merge_args(tiny_model_dir, [full, embed_lora], out, "--dtype", "float32")) == 0
+    reference = chain_model(tiny_model_dir, [full, embed_lora])
+    assert torch.allclose(logits(load_merged(out), IDS), logits(reference, IDS), atol=1e-5, rtol=0)
+
+
+def _refused(capsys, argv: list[str], out: Path, *expected: str, after_progress: bool = False) -> str:
+    """Exit 1, one error line (after the progress bar when it fails mid-stream), nothing left behind."""
+    capsys.readouterr()
+    assert main(argv) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = lines[-1]
+    assert (after_progress or len(lines) == 1) and err.startswith("zhllama: error: "), lines
+    for text in expected:
+        assert text in err
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}.tmp-*"))
+    return err
+
+
+@pytest.fixture(scope="module")
+def wider_vocab_model(tmp_path_factory, tiny_model_dir):
+    """The tiny model extended by one row (as if extended with another tokenizer)."""
+    model = load_merged(tiny_model_dir)
+    model.resize_token_embeddings(1001)
+    out = tmp_path_factory.mktemp("vocab1001")
+    model.save_pretrained(str(out))
+    return out
+
+
+def test_adapter_for_another_vocab_is_refused(wider_vocab_model, tiny_model_dir, tmp_path, capsys):
+    from peft import LoraConfig, TrainableTokensConfig
+
+    full = make_adapter(wider_vocab_model, [], LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"]), tmp_path / "full", seed=6)
+    (full / "zhllama.json").unlink()  # as if made by another tool: only the shapes can tell
+    out = tmp_path / "merged"
+    _refused(capsys, merge_args(tiny_model_dir, [full], out), out, str(full), "embed_tokens", "vocab 1000 vs 1001", "another (extended) model")
+
+    rows = make_adapter(wider_vocab_model, [], TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[1000]), tmp_path / "rows", seed=7)
+    _refused(capsys, merge_args(tiny_model_dir, [rows], out, "--allow-base-mismatch"), out, "token row 1000", "1000 rows")
+
+
+def test_adapter_for_another_base_is_refused_by_fingerprint(wider_vocab_model, tiny_model_dir, tmp_path, capsys):
+    from peft import LoraConfig
+
+    adapter = make_adapter(wider_vocab_model, [], LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "a", seed=8)
+    out = tmp_path / "merged"
+    _refused(capsys, merge_args(tiny_model_dir, [adapter], out), out, "fingerprint", str(adapter))
+
+
+def test_adapter_for_another_architecture_is_refused(tiny_model_dir, tmp_path, capsys):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    deeper = tmp_path / "deeper"
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    model.config.num_hidden_layers = 3
+    AutoModelForCausalLM.from_config(model.config).save_pretrained(str(deeper))
+    adapter = make_adapter(deeper, [], LoraConfig(r=2, target_modules=["v_proj"]), tmp_path / "a", seed=9)
+    (adapter / "zhllama.json").unlink()
+    out = tmp_path / "merged"
+    _refused(capsys, merge_args(tiny_model_dir, [adapter], out), out, "layers.2.self_attn.v_proj", "does not have")
+
+
+def test_bad_options_are_refused_together(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "merged"
+    err = _refused(capsys, ["merge", "--model", str(tiny_model_dir), "--adapter", str(tmp_path), "--out", str(out), "--max-shard-size", "big", "--gguf", "x.bin"], out)
+    assert "--max-shard-size" in err and "--gguf" in err
+
+
+def test_non_finite_adapter_and_half_precision_overflow_are_refused(tiny_model_dir, tmp_path, capsys):
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    adapter = make_adapter(tiny_model_dir, [], LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "a", seed=10)
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith("layers.0.self_attn.q_proj.lora_A.weight"))
+    out = tmp_path / "merged"
+
+    tensors[key] = torch.full_like(tensors[key], 300.0)  # delta = 2 * 300 * 300 * alpha/r: beyond float16
+    tensors[key.replace("lora_A", "lora_B")] = torch.full_like(tensors[key.replace("lora_A", "lora_B")], 300.0)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    _refused(capsys, merge_args(tiny_model_dir, [adapter], out, "--dtype", "float16"), out, "overflow float16", "--dtype bfloat16", after_progress=True)
+
+    tensors[key][0, 0] = float("nan")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    _refused(capsys, merge_args(tiny_model_dir, [adapter], out), out, str(adapter), key.removeprefix("base_model.model."), "NaN")
+
+
+def test_bin_input_gives_the_same_checkpoint(tiny_model_dir, tmp_path):
+    from peft import LoraConfig
+
+    adapter = make_adapter(tiny_model_dir, [], LoraConfig(r=2, target_modules=["q_proj", "down_proj"]), tmp_path / "a", seed=12)
+    as_bin = tmp_path / "bin_base"
+    as_bin.mkdir()
+    torch.save(weights(tiny_model_dir), as_bin / "pytorch_model.bin")
+    for name in ("config.json", "tokenizer.json", "tokenizer.model"):
+        shutil.copy2(tiny_model_dir / name, as_bin / name)
+    assert main(merge_args(tiny_model_dir, [adapter], tmp_path / "a_out", "--dtype", "float32")) == 0
+    assert main(merge_args(as_bin, [adapter], tmp_path / "b_out", "--dtype", "float32", "--allow-base-mismatch")) == 0
+    single, from_bin = weights(tmp_path / "a_out"), weights(tmp_path / "b_out")
+    assert single.keys() == from_bin.keys() and all(torch.equal(single[k], from_bin[k]) for k in single)
+
+
+def test_tied_model_with_diverging_output_rows_is_refused(tiny_tied_model_dir, tmp_path, capsys):
+    from peft import TrainableTokensConfig
+
+    # targeting both modules of a tied model makes peft train lm_head's rows apart from embed_tokens'
+    config = TrainableTokensConfig(target_modules=["embed_tokens", "lm_head"], token_indices=[990, 995])
+    adapter = make_adapter(tiny_tied_model_dir, [], config, tmp_path / "a", seed=14)
+    out = tmp_path / "merged"
+    _refused(capsys, merge_args(tiny_tied_model_dir, [adapter], out), out, "cannot stay tied", "embed_tokens only")
