@@ -164,9 +164,7 @@ def add_chat_template(directory: Path, template: Template) -> None:
     (directory / "chat_template.jinja").write_text(jinja, encoding="utf-8")
 
 
-def _training_defaults_for_sft(training_args, *, has_validation: bool, packing: bool) -> None:
-    if has_validation:
-        training_args.eval_on_start = True  # the loss before tuning, for the manifest and loss.png
+def _training_defaults_for_sft(training_args, *, packing: bool) -> None:
     if training_args.include_num_input_tokens_seen == "all" and not packing:
         training_args.include_num_input_tokens_seen = "non_padding"  # padded batches: count real tokens in tokens/s
 
@@ -216,7 +214,7 @@ def sft_chain(options: SFTOptions, training_args) -> dict:
         train_embeddings=options.train_embeddings,
         seed=training_args.seed,
     )
-    _training_defaults_for_sft(training_args, has_validation=bool(data.validation), packing=options.packing)
+    _training_defaults_for_sft(training_args, packing=options.packing)
     with training_output_dir(options.out, overwrite=options.overwrite, training_args=training_args) as out_dir:
         figures = train(
             model,
@@ -230,7 +228,6 @@ def sft_chain(options: SFTOptions, training_args) -> dict:
             tokenizer_dir=chain.tokenizer_dir,
         )
         add_chat_template(out_dir, template)
-        figures.update(eval_loss_before_tuning(out_dir))
         figures.update(data=report.as_dict(), train_samples=len(data.train), validation_samples=len(data.validation))
         write_manifest(
             out_dir,
@@ -243,15 +240,3 @@ def sft_chain(options: SFTOptions, training_args) -> dict:
         )
     print(f"wrote {options.out} (template {template.name})")
     return figures
-
-
-def eval_loss_before_tuning(out_dir: Path) -> dict:
-    """The validation loss logged at step 0 (``eval_on_start``), if there was one."""
-    path = out_dir / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        entry = json.loads(line)
-        if entry.get("step") == 0 and "eval_loss" in entry:
-            return {"eval_loss_before": entry["eval_loss"]}
-    return {}

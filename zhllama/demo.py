@@ -311,19 +311,6 @@ def run_pipeline(demo: Demo, data: dict[str, Path]) -> str:
 # --------------------------------------------------------------------------- the summary
 
 
-def loss_range(out_dir: Path) -> tuple[float, float] | None:
-    """First and last training loss logged in a training output's ``metrics.jsonl``."""
-    path = out_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    losses = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line) if line.strip() else {}
-        if isinstance(record.get("loss"), (int, float)):
-            losses.append(float(record["loss"]))
-    return (losses[0], losses[-1]) if losses else None
-
-
 def weight_bytes(directory: Path) -> int:
     """Bytes of the weight files (safetensors) in an adapter or model directory."""
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
@@ -356,11 +343,12 @@ def collect_summary(demo: Demo, base_tokenizer: Path, base_losses: list[float], 
     merge_figures = (read_manifest(work / "tokenizer") or {}).get("figures", {})
     stages = {}
     for name in ("stage1", "stage2", "sft"):
-        losses = loss_range(work / name)
+        figures = (read_manifest(work / name) or {}).get("figures", {})
         stages[name] = {
-            "loss_start": losses[0] if losses else None,
-            "loss_end": losses[1] if losses else None,
-            "eval_loss": (read_manifest(work / name) or {}).get("figures", {}).get("eval_loss"),
+            "loss_start": figures.get("first_loss"),
+            "loss_end": figures.get("last_loss"),
+            "eval_loss_before": figures.get("eval_loss_before"),
+            "eval_loss": figures.get("eval_loss"),
             "adapter_bytes": weight_bytes(work / name),
         }
     merged_manifest = read_manifest(work / "merged") or {}
@@ -408,11 +396,13 @@ def print_summary(summary: dict) -> None:
         f"bits per character         base {_fmt(bits['base'])} | extended, before training {_fmt(bits['extended'])} | "
         f"after stage 1+2 {_fmt(bits['pretrained'])} | merged (after SFT) {_fmt(bits['merged'])}   (held-out Chinese)"
     )
-    lines += ["", f"{'stage':<10} {'train loss start':>17} {'end':>7} {'validation loss':>16} {'adapter':>10}"]
+    # the validation loss is measured on the same held-out blocks before and after a stage; the
+    # training loss of the first and last logging windows comes from different batches
+    lines += ["", f"{'stage':<10} {'validation loss before':>23} {'after':>7} {'train loss first':>17} {'last':>7} {'adapter':>10}"]
     for name, stage in summary["stages"].items():
         lines.append(
-            f"{name:<10} {_fmt(stage['loss_start']):>17} {_fmt(stage['loss_end']):>7} "
-            f"{_fmt(stage['eval_loss']):>16} {_size(stage['adapter_bytes']):>10}"
+            f"{name:<10} {_fmt(stage['eval_loss_before']):>23} {_fmt(stage['eval_loss']):>7} "
+            f"{_fmt(stage['loss_start']):>17} {_fmt(stage['loss_end']):>7} {_size(stage['adapter_bytes']):>10}"
         )
     merged = summary["merged"]
     lines += [

@@ -403,7 +403,8 @@ def train(
     :func:`checkpoint_dir_for`) receives the Trainer checkpoints and the running metrics log
     and is removed after success. The tokenizer files of ``tokenizer_dir`` (the chain's) are
     copied verbatim next to the adapter; without it the tokenizer is re-saved. Returns the figures for the manifest: first/last training
-    loss, eval loss and perplexity, trainable and total parameters, adapter bytes, tokens/s.
+    loss, validation loss before (``eval_on_start``) and after, perplexity, trainable and total
+    parameters, adapter bytes, tokens/s.
     """
     out_dir, checkpoint_dir = Path(out_dir), Path(checkpoint_dir)
     resume = resolve_resume(training_args.resume_from_checkpoint, checkpoint_dir)
@@ -412,6 +413,8 @@ def train(
         # with frozen embeddings nothing before the first checkpointed layer needs a gradient,
         # and re-entrant checkpointing would then drop the gradients of the layers themselves
         model.enable_input_require_grads()
+    if eval_dataset is not None and resume is None:
+        training_args.eval_on_start = True  # the validation loss before training: figures and loss.png
     metrics_path = checkpoint_dir / "metrics.jsonl"
     if resume is None and training_args.process_index == 0 and metrics_path.exists():
         metrics_path.unlink()  # a fresh run does not continue an old log
@@ -446,6 +449,9 @@ def train(
     else:
         tokenizer.save_pretrained(str(out_dir))
     entries = finish_metrics(metrics_path, out_dir)
+    before = [e["eval_loss"] for e in entries if e["step"] == 0 and "eval_loss" in e]
+    if before:
+        figures["eval_loss_before"] = before[0]
     losses = [e["loss"] for e in entries if "loss" in e]
     if losses:
         figures["first_loss"], figures["last_loss"] = losses[0], losses[-1]
