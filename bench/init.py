@@ -8,6 +8,10 @@ character are comparable across tokenizers; the goal is ``subword-mean`` within 
 base model and far ahead of ``random``. It also measures the stage-1 adapter (new rows only)
 against Chinese-LLaMA's way (whole embedding + LM head) on this model and for LLaMA-7B shapes.
 
+Time (2 idle CPU cores, about 3.5 minutes) goes to training the base (~1 min) and to four
+scoring passes over the held-out text with a 32k/49.5k-row LM head (~35 s each);
+``seconds_by_phase`` in the JSON has the breakdown.
+
 Run:  .venv/bin/python bench/init.py [--steps 150] [--batch-size 8] [--hidden 128]
 Needs ../shared/assets (LLaMA tokenizer, Chinese-LLaMA SentencePiece model, 红楼梦).
 Writes bench/out/init.json.
@@ -112,15 +116,24 @@ def run(args, work: Path, started: float) -> None:
         "--add", ASSETS / "tokenizers" / "chinese-llama" / "chinese_sp.model", "--out", merged,
     )  # fmt: skip
 
+    timings = {"train base": time.perf_counter() - started}
+    clock = time.perf_counter()
     results = {"base (LLaMA tokenizer)": score(base, held_out)}
+    timings["score base"] = time.perf_counter() - clock
     for init in INITS:
         extended = work / f"extended-{init}"
+        clock = time.perf_counter()
         zhllama("extend", "--model", base, "--tokenizer", merged, "--out", extended, "--init", init)
+        timings[f"extend {init}"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         results[init] = score(extended, held_out)
+        timings[f"score {init}"] = time.perf_counter() - clock
 
     corpus = work / "train.txt"
     corpus.write_text("\n".join(train[:400]) + "\n", encoding="utf-8")
+    clock = time.perf_counter()
     sizes = adapter_sizes(work, work / "extended-subword-mean", corpus)
+    timings["stage-1 adapters"] = time.perf_counter() - clock
     figures = json.loads((work / "extended-subword-mean" / "zhllama.json").read_text())["figures"]
     base_bpc = results["base (LLaMA tokenizer)"]["bits_per_character"]
 
@@ -146,7 +159,9 @@ def run(args, work: Path, started: float) -> None:
         "stage1_adapter_bytes": sizes,
         "llama7b_adapter_ratio": ratio_7b,
         "seconds": round(time.perf_counter() - started, 1),
+        "seconds_by_phase": {k: round(v, 1) for k, v in timings.items()},
     }
+    print("\ntime: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {report['seconds']:.0f}s")
     out = REPO / "bench" / "out" / "init.json"
     out.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     print(f"\nreproduce: .venv/bin/python bench/init.py {' '.join(sys.argv[1:])}   (wrote {out.relative_to(REPO)})")

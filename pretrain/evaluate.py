@@ -84,7 +84,10 @@ def score_texts(model, tokenizer, texts: list[str], *, block_size: int, batch_si
                 mask[row, : len(window)] = 1
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
             targets = input_ids[:, 1:].to(device).masked_fill(mask[:, 1:].to(device) == 0, -100)
-            nll += F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum").item()
+            # flattened (rows, vocab) logits: cross_entropy over a transposed (batch, vocab, seq)
+            # view is several times slower on CPU
+            vocab = logits.shape[-1]
+            nll += F.cross_entropy(logits[:, :-1].reshape(-1, vocab), targets.reshape(-1), ignore_index=-100, reduction="sum").item()
             tokens += int((targets != -100).sum())
     characters = sum(len(t) for t in texts)
     return {

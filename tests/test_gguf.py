@@ -117,16 +117,16 @@ def test_merge_exports_gguf(tied, dtype, tmp_path, tiny_model_dir, tiny_tied_mod
     assert not list(tmp_path.glob(".model.gguf.tmp-*"))
 
 
-def test_export_gguf_command_refuses_existing_file(tiny_model_dir, tmp_path, capsys):
-    from zhllama.merge.cli import ExportGgufOptions, run_export_gguf
-
+def test_export_gguf_command_writes_once_and_refuses_existing_file(tiny_model_dir, tmp_path, capsys):
     target = tmp_path / "m.gguf"
-    run_export_gguf(ExportGgufOptions(model=tiny_model_dir, out=target))
+    assert main(["export", "gguf", "--model", str(tiny_model_dir), "--out", str(target)]) == 0
     check_gguf(target, tiny_model_dir)
-    from zhllama.errors import ZhllamaError
-
-    with pytest.raises(ZhllamaError, match="exists"):
-        ExportGgufOptions(model=tiny_model_dir, out=target)
+    assert not list(tmp_path.glob(".m.gguf.tmp-*"))
+    written = target.stat().st_mtime_ns
+    assert main(["export", "gguf", "--model", str(tiny_model_dir), "--out", str(target)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "exists" in error[0] and "--overwrite" in error[0]
+    assert target.stat().st_mtime_ns == written
 
 
 @pytest.mark.real_assets
