@@ -18,7 +18,7 @@ from pathlib import Path
 from zhllama.chain import DTYPES, check_block_size, load_chain
 from zhllama.corpus import find_corpus_files, iter_documents
 from zhllama.errors import ZhllamaError
-from zhllama.options import check, option
+from zhllama.options import at_least, check, option
 from zhllama.outdir import atomic_output_file, describe_input, library_versions
 
 
@@ -42,12 +42,9 @@ class EvalOptions:
         problems = []
         if not self.data:
             problems.append("--data needs at least one corpus")
-        if self.block_size < 2:
-            problems.append(f"--block-size must be at least 2 (got {self.block_size})")
-        if self.batch_size < 1:
-            problems.append(f"--batch-size must be at least 1 (got {self.batch_size})")
-        if self.max_documents is not None and self.max_documents < 1:
-            problems.append(f"--max-documents must be at least 1 (got {self.max_documents})")
+        at_least(problems, "--block-size", self.block_size, 2)
+        at_least(problems, "--batch-size", self.batch_size, 1)
+        at_least(problems, "--max-documents", self.max_documents, 1)
         check(problems)
 
 

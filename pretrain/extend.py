@@ -20,7 +20,7 @@ from pathlib import Path
 
 from zhllama.chain import TOKENIZER_FILES, check_model_dir, embeddings_tied, load_tokenizer, model_fingerprint
 from zhllama.errors import ZhllamaError
-from zhllama.options import check, option
+from zhllama.options import at_least, check, option
 from zhllama.outdir import atomic_output_dir, check_output_target, copy_files, write_manifest
 
 INIT_METHODS = ("subword-mean", "mean", "random")
@@ -45,8 +45,7 @@ class ExtendOptions:
         problems = []
         if self.init not in INIT_METHODS:
             problems.append(f"--init must be one of {', '.join(INIT_METHODS)} (got {self.init!r})")
-        if self.pad_to_multiple_of < 1:
-            problems.append(f"--pad-to-multiple-of must be at least 1 (got {self.pad_to_multiple_of})")
+        at_least(problems, "--pad-to-multiple-of", self.pad_to_multiple_of, 1)
         check(problems)
 
 

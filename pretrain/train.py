@@ -20,7 +20,7 @@ import numpy as np
 from zhllama.chain import DTYPES, check_block_size, load_chain
 from zhllama.corpus import DOC_SEPARATORS
 from zhllama.errors import ZhllamaError
-from zhllama.options import check, option
+from zhllama.options import at_least, check, option
 from zhllama.outdir import check_output_target, write_manifest
 from zhllama.pretrain.data import build_blocks, collate_blocks, stream_blocks
 from zhllama.training import (
@@ -69,10 +69,8 @@ class PretrainOptions:
             problems.append(f"--stage must be 1 or 2 (got {self.stage})")
         if not self.data:
             problems.append("--data needs at least one corpus")
-        if self.block_size < 2:
-            problems.append(f"--block-size must be at least 2 (got {self.block_size})")
-        if self.num_proc < 1:
-            problems.append(f"--num-proc must be at least 1 (got {self.num_proc})")
+        at_least(problems, "--block-size", self.block_size, 2)
+        at_least(problems, "--num-proc", self.num_proc, 1)
         if not 0 <= self.validation_split < 1:
             problems.append(f"--validation-split must be in [0, 1) (got {self.validation_split})")
         if self.streaming and self.validation_split and not self.validation_data:

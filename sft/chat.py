@@ -17,7 +17,7 @@ from typing import Callable
 
 from zhllama.chain import DTYPES, ModelChain, load_chain
 from zhllama.errors import ZhllamaError
-from zhllama.options import check, option
+from zhllama.options import at_least, check, option
 from zhllama.outdir import read_manifest
 from zhllama.sft.data import Conversation, Turn
 from zhllama.sft.templates import TEMPLATES, get_template, render_prompt, template_of_chat_template
@@ -45,8 +45,7 @@ class ChatOptions:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.max_new_tokens < 1:
-            problems.append(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        at_least(problems, "--max-new-tokens", self.max_new_tokens, 1)
         if self.temperature <= 0:
             problems.append(f"--temperature must be positive, got {self.temperature} (use --greedy for deterministic output)")
         if not 0 < self.top_p <= 1:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from zhllama.chain import DTYPES, load_chain
 from zhllama.errors import ZhllamaError
-from zhllama.options import check, option
+from zhllama.options import at_least, check, option
 from zhllama.outdir import write_manifest
 from zhllama.sft.data import DataReport, pack_samples, read_conversations, tokenize_conversations
 from zhllama.sft.templates import TEMPLATES, Template, chat_template, get_template
@@ -66,8 +66,7 @@ class SFTOptions:
         problems = []
         if self.template not in TEMPLATES:
             problems.append(f"unknown template '{self.template}'; known templates: {', '.join(TEMPLATES)}")
-        if self.max_seq_length < 8:
-            problems.append(f"--max-seq-length must be at least 8, got {self.max_seq_length}")
+        at_least(problems, "--max-seq-length", self.max_seq_length, 8)
         if not 0 <= self.validation_split < 1:
             problems.append(f"--validation-split must be in [0, 1), got {self.validation_split}")
         problems += [f"--data {p}: no such file" for p in self.data if not Path(p).is_file()]

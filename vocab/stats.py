@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from zhllama.corpus import iter_documents
-from zhllama.options import check, option
+from zhllama.options import at_least, check, option
 from zhllama.outdir import atomic_output_file
 from zhllama.vocab.spmodel import is_han_char, load_sp_model, resolve_sp_model_path
 from zhllama.vocab.train import SampleReport, reservoir_sample
@@ -41,8 +41,7 @@ class StatsOptions:
             problems.append("pass at least one --tokenizer")
         if not self.corpus:
             problems.append("pass at least one CORPUS")
-        if self.max_lines < 0:
-            problems.append(f"--max-lines must be >= 0, got {self.max_lines}")
+        at_least(problems, "--max-lines", self.max_lines, 0)
         check(problems)
 
 

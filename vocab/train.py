@@ -33,7 +33,7 @@ import sentencepiece as spm
 
 from zhllama.corpus import CorpusReport, iter_documents
 from zhllama.errors import ZhllamaError
-from zhllama.options import check, option
+from zhllama.options import at_least, check, option
 from zhllama.outdir import atomic_output_dir, check_output_target, write_manifest
 
 MODEL_FILE = "chinese_sp.model"
@@ -66,18 +66,14 @@ class TrainOptions:
         problems = []
         if not self.corpus:
             problems.append("pass at least one CORPUS")
-        if self.vocab_size < 10:
-            problems.append(f"--vocab-size must be at least 10, got {self.vocab_size}")
+        at_least(problems, "--vocab-size", self.vocab_size, 10)
         if self.model_type not in MODEL_TYPES:
             problems.append(f"--model-type must be one of {', '.join(MODEL_TYPES)}, got '{self.model_type}'")
         if not 0.5 <= self.character_coverage <= 1.0:
             problems.append(f"--character-coverage must be between 0.5 and 1, got {self.character_coverage}")
-        if self.max_sentences < 0:
-            problems.append(f"--max-sentences must be >= 0, got {self.max_sentences}")
-        if self.max_sentence_length < 256:
-            problems.append(f"--max-sentence-length must be at least 256 bytes, got {self.max_sentence_length}")
-        if self.threads < 0:
-            problems.append(f"--threads must be >= 0, got {self.threads}")
+        at_least(problems, "--max-sentences", self.max_sentences, 0)
+        at_least(problems, "--max-sentence-length", self.max_sentence_length, 256, " bytes")
+        at_least(problems, "--threads", self.threads, 0)
         check(problems)
 
 

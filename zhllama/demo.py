@@ -26,7 +26,7 @@ from pathlib import Path
 
 from zhllama.chain import TOKENIZER_FILES
 from zhllama.errors import ZhllamaError
-from zhllama.options import Command, check, option
+from zhllama.options import Command, at_least, check, option
 from zhllama.outdir import check_output_target, copy_files, read_manifest, write_manifest
 
 # The tiny default: sizes picked so the whole demo takes about a minute on two CPU cores.
@@ -65,10 +65,8 @@ class DemoOptions:
             problems.append(f"--base-model {self.base_model}: no config.json; expected a Hugging Face model directory")
         if self.base_tokenizer is not None and not Path(self.base_tokenizer).exists():
             problems.append(f"--base-tokenizer {self.base_tokenizer}: no such file or directory")
-        if self.train_steps < 1:
-            problems.append(f"--train-steps must be at least 1, got {self.train_steps}")
-        if self.threads < 1:
-            problems.append(f"--threads must be at least 1, got {self.threads}")
+        at_least(problems, "--train-steps", self.train_steps, 1)
+        at_least(problems, "--threads", self.threads, 1)
         check(problems)
 
 

@@ -42,6 +42,12 @@ def check(problems: list[str]) -> None:
         raise ZhllamaError("; ".join(problems))
 
 
+def at_least(problems: list[str], flag: str, value: int | float | None, minimum: int | float, unit: str = "") -> None:
+    """Add the one way zhllama words a number below its minimum (``None``: not given, fine)."""
+    if value is not None and value < minimum:
+        problems.append(f"{flag} must be at least {minimum}{unit}, got {value}")
+
+
 def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 

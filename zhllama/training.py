@@ -59,6 +59,7 @@ from transformers import Trainer, TrainerCallback, default_data_collator
 
 from zhllama.chain import TOKENIZER_FILES, embeddings_tied
 from zhllama.errors import ZhllamaError
+from zhllama.options import at_least
 from zhllama.outdir import atomic_output_dir, copy_files
 
 # LLaMA's attention and MLP projections: LoRA's default target (all linear layers but the LM head)
@@ -103,8 +104,7 @@ class LoraSettings:
 
     def problems(self) -> list[str]:
         found = []
-        if self.r < 1:
-            found.append(f"--lora-r must be at least 1 (got {self.r})")
+        at_least(found, "--lora-r", self.r, 1)
         if self.alpha <= 0:
             found.append(f"--lora-alpha must be positive (got {self.alpha})")
         if not 0 <= self.dropout < 1:
