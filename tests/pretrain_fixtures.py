@@ -34,3 +34,18 @@ def write_corpora(directory: Path) -> tuple[Path, Path]:
     train = tiny.write_lines(directory / "train.txt", tiny.chinese_sentences(600, seed=1))
     held_out = tiny.write_lines(directory / "held_out.txt", tiny.chinese_sentences(60, seed=2))
     return train, held_out
+
+
+def count_training_steps(monkeypatch) -> list[int]:
+    """The global step (1-based) of every training step the next in-process run takes."""
+    from zhllama.training import AdapterTrainer
+
+    steps: list[int] = []
+    original = AdapterTrainer.training_step
+
+    def counting(self, *args, **kwargs):
+        steps.append(self.state.global_step + 1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AdapterTrainer, "training_step", counting)
+    return steps

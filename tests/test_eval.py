@@ -43,6 +43,8 @@ def test_bits_per_character_matches_a_direct_computation(tiny_model_dir):
     assert figures["nll_nats"] == pytest.approx(nll, rel=1e-4)
     assert figures["characters"] == sum(map(len, texts))
     assert figures["bits_per_character"] == pytest.approx(nll / math.log(2) / figures["characters"], rel=1e-4)
+    # every token after <s> is predicted once: as many targets as text tokens
+    assert figures["tokens"] == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
     assert figures["perplexity"] == pytest.approx(math.exp(nll / figures["tokens"]), rel=1e-4)
     # short windows score the same tokens (with less context)
     windowed = score_texts(model, tokenizer, texts, block_size=3)

@@ -111,6 +111,11 @@ def test_half_precision_merge_verifies(chain, tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     figures = json.loads((out / "zhllama.json").read_text())["figures"]
     assert 0 < figures["max_logit_diff"] <= figures["logit_tolerance"]
+    # the deltas are applied in float32 and rounded once: the float32 merge, rounded
+    full = tmp_path / "merged_fp32"
+    assert main(merge_args(model_dir, adapters, full, "--dtype", "float32")) == 0
+    rounded, half = {k: v.to(torch.bfloat16) for k, v in weights(full).items()}, weights(out)
+    assert rounded.keys() == half.keys() and all(torch.equal(rounded[k], half[k]) for k in half)
 
 
 def test_embedding_lora_and_modules_to_save(tiny_model_dir, tmp_path):

@@ -4,6 +4,7 @@ trainable parameters of each stage, exact resume, bad input, two processes."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pretrain_fixtures import TRAIN_FLAGS, make_merged_tokenizer, manifest, run, write_corpora
+from pretrain_fixtures import TRAIN_FLAGS, count_training_steps, make_merged_tokenizer, manifest, run, write_corpora
 from zhllama.chain import load_chain, model_fingerprint
 from zhllama.pretrain import EvalOptions, evaluate_chain
 
@@ -111,7 +112,8 @@ def test_tied_stage1_counts_the_shared_rows_once_with_gradient_checkpointing(wor
     run(stage_argv(work, 1, out, "--gradient-checkpointing", "true", model="extended_tied", steps=4))
     figures = manifest(out)["figures"]
     assert figures["trainable_params"] == manifest(work / "extended_tied")["figures"]["new_rows"] * HIDDEN
-    assert figures["last_loss"] == figures["last_loss"]  # finite, not NaN
+    assert math.isfinite(figures["last_loss"]) and figures["eval_loss"] < figures["eval_loss_before"]  # it trained
+    assert manifest(out)["training_arguments"]["gradient_checkpointing"] is True
     chain = load_chain(work / "extended_tied", [out])
     assert chain.model.lm_head.weight is chain.model.model.embed_tokens.weight
 
@@ -148,7 +150,9 @@ def test_resume_from_a_mid_run_checkpoint_matches_an_uninterrupted_run(work, sta
     assert (checkpoints / "checkpoint-4" / "adapter_model.safetensors").is_file()
     assert not list(checkpoints.glob("checkpoint-4/model*.safetensors"))  # adapter-only checkpoints
     monkeypatch.setattr(AdapterTrainer, "training_step", original)
+    steps = count_training_steps(monkeypatch)
     run(stage_argv(work, 2, tmp_path / "resumed", *flags, "--resume-from-checkpoint", "last", steps=10))
+    assert steps == [5, 6, 7, 8, 9, 10]  # continued after checkpoint-4
 
     whole, resumed = manifest(tmp_path / "whole")["figures"], manifest(tmp_path / "resumed")["figures"]
     assert resumed["global_step"] == whole["global_step"] == 10

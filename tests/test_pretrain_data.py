@@ -62,9 +62,23 @@ def test_parallel_and_streaming_builds_give_the_same_blocks(tmp_path, corpus, to
     serial, _ = build_blocks([corpus], tokenizer, base_tokenizer_dir, block_size=40, cache_dir=tmp_path / "a")
     parallel, _ = build_blocks([corpus], tokenizer, base_tokenizer_dir, block_size=40, num_proc=2, cache_dir=tmp_path / "b")
     streamed = [row["input_ids"] for row in stream_blocks([corpus], tokenizer, block_size=40)]
-    # parallel shards drop their own tails, so they may hold a block or two fewer
-    assert parallel["input_ids"][:5] == serial["input_ids"][:5] and abs(len(parallel) - len(serial)) <= 2
     assert streamed == serial["input_ids"]
+    # the token stream, built here: <s> text </s> per non-empty line
+    stream = []
+    for line in corpus.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            stream += [tokenizer.bos_token_id, *tokenizer(line.strip(), add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    assert [i for block in serial["input_ids"] for i in block] == stream[: len(serial) * 40]
+    # each parallel shard packs its own documents and drops its own tail: its blocks are
+    # consecutive, non-overlapping windows of the stream, in order, at most a block or two fewer
+    text = " ".join(map(str, stream)) + " "
+    position = 0
+    for block in parallel["input_ids"]:
+        window = " ".join(map(str, block)) + " "
+        found = text.find(window, position)
+        assert found >= position and (found == 0 or text[found - 1] == " ")
+        position = found + len(window)
+    assert len(serial) - 2 <= len(parallel) <= len(serial)
 
 
 def test_corpus_without_text_or_shorter_than_a_block(tmp_path, tokenizer, base_tokenizer_dir):

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pretrain_fixtures import count_training_steps
 from robust_fixtures import TRAIN_FLAGS, build_chain, cli, dir_bytes, leftovers, manifest, ok, run_killed
 
 from zhllama.outdir import clean_stale_siblings, temporary_sibling
@@ -209,8 +210,10 @@ def test_ctrl_c_keeps_checkpoints_and_resume_survives_a_torn_log_line(tmp_path, 
 
     with open(checkpoints / "metrics.jsonl", "a", encoding="utf-8") as fh:
         fh.write('{"step": 5, "loss": 7.6')  # the torn line a kill mid-append leaves
+    steps = count_training_steps(monkeypatch)
     code, err = cli([*argv, "--resume-from-checkpoint", "last"], capsys)
     assert code == 0, err[-2000:]
+    assert steps == [5, 6]  # resumed from checkpoint-4, not started again
     assert losses(out) == pytest.approx(losses(uninterrupted), rel=1e-5)
 
 
@@ -220,21 +223,6 @@ def test_same_command_with_resume_last_also_starts_a_first_run(tmp_path, chain, 
     out = tmp_path / "stage1"
     ok([*pretrain_argv(chain, out, uninterrupted.parent / "cache"), "--resume-from-checkpoint", "last"])
     assert losses(out) == losses(uninterrupted)
-
-
-def count_training_steps(monkeypatch) -> list[int]:
-    """The global step (1-based) of every training step the next in-process run takes."""
-    from zhllama.training import AdapterTrainer
-
-    steps: list[int] = []
-    original = AdapterTrainer.training_step
-
-    def counting(self, *args, **kwargs):
-        steps.append(self.state.global_step + 1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(AdapterTrainer, "training_step", counting)
-    return steps
 
 
 def assert_same_adapter(a: Path, b: Path) -> None:

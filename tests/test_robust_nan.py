@@ -31,7 +31,8 @@ def test_absurd_learning_rate_stops_training_with_the_step(chain, tmp_path, caps
     line = error_line(code, err)
     found = re.search(r"training loss became (\S+) at step (\d+)", line)
     assert found, line
-    assert not math.isfinite(float(found.group(1))) and int(found.group(2)) < 8
+    # the first update (step 1) blows the rows up: step 2's loss is no longer finite, and training stops there
+    assert not math.isfinite(float(found.group(1))) and int(found.group(2)) <= 2
     assert "checkpoint" in line  # says where to resume from (or that there is nothing to resume)
     assert leftovers(out) == []
 

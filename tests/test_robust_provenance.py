@@ -122,6 +122,8 @@ def test_eval_json_records_inputs_and_versions(chain, tmp_path):
     assert report["chain"]["model_fingerprint"] == model_fingerprint(chain.extended)
     # the scores mean nothing without the text they were measured on and the code that measured
     assert "inputs" in report and "versions" in report, f"eval --json records no input hashes or versions: {sorted(report)}"
+    described = report["inputs"][str(chain.corpus)]
+    assert described and all(entry["sha256"] == file_sha256(entry["path"]) for entry in described)
     assert_versions(report)
 
 

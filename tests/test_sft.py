@@ -141,8 +141,17 @@ def test_interactive_chat_keeps_history_until_reset(sft_dir, tiny_model_dir, mon
 
 
 def test_raw_completion_has_no_template(tiny_model_dir, capsys):
+    """--raw continues the text itself (<s> + its tokens), like LLaMA's text-completion example."""
+    from zhllama.chain import load_chain
+
     assert main(["chat", "--model", str(tiny_model_dir), "--raw", "--prompt", "Once upon", "--max-new-tokens", "5", "--greedy"]) == 0
-    assert capsys.readouterr().out.endswith("\n")
+    printed = capsys.readouterr().out
+    chain = load_chain(tiny_model_dir)
+    ids = chain.tokenizer("Once upon")["input_ids"]
+    assert ids[0] == chain.tokenizer.bos_token_id and len(ids) > 1
+    with torch.no_grad():
+        out = chain.model.eval().generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, repetition_penalty=1.1)
+    assert printed == chain.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True) + "\n"
 
 
 def test_packed_rows_attend_within_each_sample(tiny_model_dir, base_tokenizer_dir):
