@@ -5,14 +5,18 @@ tokenizer, which reads most Chinese characters as UTF-8 byte pieces. It is then 
 the merged tokenizer (LLaMA + Chinese-LLaMA's 20k Chinese pieces, made with ``zhllama vocab
 merge``) by each ``--init`` method and scored, untrained, on held-out chapters. Bits per
 character are comparable across tokenizers; the goal is ``subword-mean`` within 10% of the
-base model and far ahead of ``random``. It also measures the stage-1 adapter (new rows only)
+base model and far ahead of ``random``. ``subword-mean`` runs twice: with its default LM head
+(``--head-init logprob``) and with head rows averaged like the input rows (``--head-init
+mean``). ``--stage1-steps N`` also trains stage 1 (new rows only) for N steps from each start
+and scores again, to show which start trains best. It also measures the stage-1 adapter (new rows only)
 against Chinese-LLaMA's way (whole embedding + LM head) on this model and for LLaMA-7B shapes.
 
-Time (2 idle CPU cores, about 3.5 minutes) goes to training the base (~1 min) and to four
+Time (2 idle CPU cores, about 4 minutes; ~3 more per variant with --stage1-steps 100) goes to
+training the base (~1 min), to the logprob head's pass over the new pieces (~30 s) and to five
 scoring passes over the held-out text with a 32k/49.5k-row LM head (~35 s each);
 ``seconds_by_phase`` in the JSON has the breakdown.
 
-Run:  .venv/bin/python bench/init.py [--steps 150] [--batch-size 8] [--hidden 128]
+Run:  .venv/bin/python bench/init.py [--steps 150] [--batch-size 8] [--hidden 128] [--stage1-steps 100]
 Needs ../shared/assets (LLaMA tokenizer, Chinese-LLaMA SentencePiece model, 红楼梦).
 Writes bench/out/init.json.
 """
@@ -31,7 +35,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets"
-INITS = ("subword-mean", "mean", "random")
+# name -> zhllama extend flags
+VARIANTS = {
+    "subword-mean": ["--init", "subword-mean"],
+    "subword-mean, mean head": ["--init", "subword-mean", "--head-init", "mean"],
+    "mean": ["--init", "mean"],
+    "random": ["--init", "random"],
+}
 
 
 def zhllama(*argv) -> None:
@@ -61,11 +71,11 @@ def build_base(work: Path, paragraphs: list[str], steps: int, batch_size: int, h
     return model_dir
 
 
-def score(model_dir: Path, texts: list[str]) -> dict:
+def score(model_dir: Path, texts: list[str], adapters: tuple[Path, ...] = ()) -> dict:
     from zhllama.chain import load_chain
     from zhllama.pretrain import score_texts
 
-    chain = load_chain(model_dir)
+    chain = load_chain(model_dir, list(adapters))
     return score_texts(chain.model, chain.tokenizer, texts, block_size=256, batch_size=8)
 
 
@@ -83,6 +93,18 @@ def adapter_sizes(work: Path, extended: Path, corpus: Path) -> dict:
     return sizes
 
 
+def train_stage1(work: Path, extended: Path, corpus: Path, steps: int) -> Path:
+    """Stage 1 (new rows only) from an extended model, the settings of docs/pretrain.md's table."""
+    out = work / f"stage1-from-{extended.name}"
+    zhllama(
+        "pretrain", "--stage", 1, "--model", extended, "--data", corpus, "--out", out, "--block-size", 128,
+        "--max-steps", steps, "--learning-rate", 2e-3, "--per-device-train-batch-size", 8, "--validation-split", 0,
+        "--cache-dir", work / "cache", "--use-cpu", "--save-strategy", "no", "--report-to", "none",
+        "--disable-tqdm", "true", "--logging-steps", 25, "--overwrite",
+    )  # fmt: skip
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=150, help="training steps of the base model")
@@ -90,6 +112,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--held-out", type=int, default=200, help="paragraphs held out for scoring")
+    parser.add_argument("--stage1-steps", type=int, default=0, help="also train stage 1 this many steps per start and score again")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the models here (default: a temporary directory)")
     args = parser.parse_args()
     if not ASSETS.is_dir():
@@ -120,28 +143,39 @@ def run(args, work: Path, started: float) -> None:
     clock = time.perf_counter()
     results = {"base (LLaMA tokenizer)": score(base, held_out)}
     timings["score base"] = time.perf_counter() - clock
-    for init in INITS:
-        extended = work / f"extended-{init}"
-        clock = time.perf_counter()
-        zhllama("extend", "--model", base, "--tokenizer", merged, "--out", extended, "--init", init)
-        timings[f"extend {init}"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        results[init] = score(extended, held_out)
-        timings[f"score {init}"] = time.perf_counter() - clock
-
     corpus = work / "train.txt"
     corpus.write_text("\n".join(train[:400]) + "\n", encoding="utf-8")
+    trained = {}
+    for name, flags in VARIANTS.items():
+        extended = work / ("extended-" + name.replace(", ", "-").replace(" ", "-"))
+        clock = time.perf_counter()
+        zhllama("extend", "--model", base, "--tokenizer", merged, "--out", extended, *flags)
+        timings[f"extend {name}"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        results[name] = score(extended, held_out)
+        timings[f"score {name}"] = time.perf_counter() - clock
+        if args.stage1_steps:
+            clock = time.perf_counter()
+            stage1 = train_stage1(work, extended, corpus, args.stage1_steps)
+            trained[name] = score(extended, held_out, (stage1,))
+            timings[f"stage 1 {name}"] = time.perf_counter() - clock
+
     clock = time.perf_counter()
     sizes = adapter_sizes(work, work / "extended-subword-mean", corpus)
     timings["stage-1 adapters"] = time.perf_counter() - clock
     figures = json.loads((work / "extended-subword-mean" / "zhllama.json").read_text())["figures"]
     base_bpc = results["base (LLaMA tokenizer)"]["bits_per_character"]
 
-    print(f"\nbits per character on {len(held_out)} held-out paragraphs of 红楼梦 ({results[INITS[0]]['characters']:,} characters), step 0")
-    print(f"{'model':<24}{'tokens/char':>12}{'perplexity':>12}{'bits/char':>11}{'vs base':>9}")
+    first = next(iter(VARIANTS))
+    print(f"\nbits per character on {len(held_out)} held-out paragraphs of 红楼梦 ({results[first]['characters']:,} characters), step 0")
+    after = f"{'after ' + str(args.stage1_steps) + ' steps':>17}" if trained else ""
+    print(f"{'model':<26}{'tokens/char':>12}{'perplexity':>12}{'bits/char':>11}{'vs base':>9}{after}")
     for name, r in results.items():
-        print(f"{name:<24}{r['tokens_per_character']:>12.3f}{r['perplexity']:>12.2f}{r['bits_per_character']:>11.3f}"
-              f"{r['bits_per_character'] / base_bpc - 1:>+9.1%}")  # fmt: skip
+        line = (f"{name:<26}{r['tokens_per_character']:>12.3f}{r['perplexity']:>12.2f}{r['bits_per_character']:>11.3f}"
+                f"{r['bits_per_character'] / base_bpc - 1:>+9.1%}")  # fmt: skip
+        if name in trained:
+            line += f"{trained[name]['bits_per_character']:>17.3f}"
+        print(line)
     new_rows, hidden = figures["new_rows"], figures["hidden_size"]
     llama7b = {"new_rows": 49953 - 32000, "rows": 49953, "hidden": 4096}
     ratio_7b = llama7b["new_rows"] / llama7b["rows"]
@@ -155,6 +189,7 @@ def run(args, work: Path, started: float) -> None:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "held_out_paragraphs": len(held_out),
         "results": results,
+        "after_stage1": trained,
         "extend_figures": figures,
         "stage1_adapter_bytes": sizes,
         "llama7b_adapter_ratio": ratio_7b,

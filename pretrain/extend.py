@@ -5,8 +5,11 @@ The merged tokenizer keeps the base pieces at ids 0..N-1 (``zhllama vocab merge`
 it; :func:`check_extends` re-checks), so the base rows stay where they are, bit for bit, and
 only rows N.. are new. By default (``subword-mean``) a new row starts as the mean of the rows
 of the pieces the *base* tokenizer splits its text into: the model then reads "中国" roughly
-the way it read the byte or character pieces it used to see, and the loss at step 0 on Chinese
-text stays near the base model's. The matrices are padded to a multiple of 64 rows (faster
+the way it read the byte or character pieces it used to see. On an untied model the LM-head
+row of a new piece is instead fitted so that its logit carries the base model's probability of
+the piece's text (``--head-init logprob``, :func:`init_head_logprob`): averaging head rows
+would give thousands of pieces the same logit. The loss at step 0 on Chinese text then stays
+near the base model's. The matrices are padded to a multiple of 64 rows (faster
 matmuls, tensor-parallel friendly); padding rows are set to the mean of the base LM-head rows,
 which lies inside the convex hull of the real rows, so a padding logit is an average of real
 logits and can never be the largest.
@@ -24,6 +27,19 @@ from zhllama.options import at_least, check, option
 from zhllama.outdir import atomic_output_dir, check_output_target, copy_files, write_manifest
 
 INIT_METHODS = ("subword-mean", "mean", "random")
+HEAD_INIT_METHODS = ("logprob", "mean")
+# How --head-init logprob turns the base model's log-probability c of a new piece's text (after
+# its first base piece) into the piece's logit offset: max(SCALE * c, FLOOR) + LIFT.
+# LIFT: the base byte pieces keep their rows and hence their share of the softmax, so without a
+# lift the new pieces would split the probability of Chinese text with byte pieces the merged
+# tokenizer no longer emits; exp(2) = 7.4 gives the new pieces ~88% of that share.
+# SCALE and FLOOR: the exact offsets (1.0, no floor) start best (bits per character at step 0
+# +0.2% over the base model on bench/init.py) but make rows ~3x the base rows' norm, which
+# stage 1 then moves slowly; shrinking them starts at +2.6% and trains past the averaged head
+# (docs/pretrain.md has the table).
+HEAD_LOGPROB_SCALE = 0.75
+HEAD_LOGPROB_FLOOR = -8.0
+HEAD_LIFT = 2.0
 
 
 @dataclass
@@ -36,6 +52,13 @@ class ExtendOptions:
         choices=INIT_METHODS,
         help="new rows: mean of the base pieces the text splits into; transformers' mean/covariance; or random",
     )
+    head_init: str = option(
+        "logprob",
+        choices=HEAD_INIT_METHODS,
+        help="with --init subword-mean and untied embeddings, LM-head rows of new pieces: 'logprob' makes "
+        "each new piece's logit the base model's log-probability of its text; 'mean' averages the head rows like the input side",
+    )
+    device: str = option("auto", help="device for the base-model pass of --head-init logprob (auto: cuda when available)")
     pad_to_multiple_of: int = option(64, help="round the number of embedding rows up to a multiple of this (1: no padding)")
     seed: int = option(0, help="random seed for --init mean and random")
     overwrite: bool = option(False, help="replace an existing output directory")
@@ -45,7 +68,16 @@ class ExtendOptions:
         problems = []
         if self.init not in INIT_METHODS:
             problems.append(f"--init must be one of {', '.join(INIT_METHODS)} (got {self.init!r})")
+        if self.head_init not in HEAD_INIT_METHODS:
+            problems.append(f"--head-init must be one of {', '.join(HEAD_INIT_METHODS)} (got {self.head_init!r})")
         at_least(problems, "--pad-to-multiple-of", self.pad_to_multiple_of, 1)
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.empty(0, device=self.device)
+            except (RuntimeError, AssertionError) as error:  # torch raises either for a bad or absent device
+                problems.append(f"--device {self.device}: not usable here ({str(error).splitlines()[0][:120]})")
         check(problems)
 
 
@@ -112,12 +144,106 @@ def init_subword_mean(matrix, splits: list[list[int]], base_rows: int) -> int:
     return unsplit
 
 
+def init_head_logprob(model, splits: list[list[int]], base_rows: int, *, bos_id: int, device: str):
+    """LM-head rows for the new pieces that give each one the base model's probability of its text.
+
+    The base model spells a new piece p as base pieces f, r1, r2, ...; its probability there is
+    P(f | context) * P(r1 r2 ... | f). The first factor is the logit of f's head row; the second
+    is measured once per piece with the base model (BOS + the spelling, a pass over every new
+    piece) as the log-probability c_p. A bias-free LM head cannot add a per-piece constant, so it
+    is carried by a direction u with h·u ≈ 1 for the base model's final hidden states h (ridge
+    regression over the hidden states of that same pass). Row p = row(f) + offset(c_p)·u, with
+    offset(c) = max(HEAD_LOGPROB_SCALE·c, HEAD_LOGPROB_FLOOR) + HEAD_LIFT (see those constants).
+    Averaging head rows instead (``--head-init mean``) gives thousands of pieces that share a
+    UTF-8 lead byte nearly the same, too high, logit: bits per character at step 0 ~20% above the
+    base model's on bench/init.py, against ~3% with this.
+
+    Call it before resizing: the pass scores the base vocabulary only. Returns the rows (new
+    pieces x hidden, float32) and figures about the fit."""
+    import torch
+    from tqdm.auto import tqdm
+
+    head = model.get_output_embeddings().weight
+    hidden = head.shape[1]
+    model.to(device)
+    gram = torch.zeros(hidden, hidden, dtype=torch.float64, device=device)
+    moment = torch.zeros(hidden, dtype=torch.float64, device=device)
+    rest_logprob = torch.zeros(len(splits))
+    positions = 0
+    order = sorted((i for i, ids in enumerate(splits) if ids), key=lambda i: len(splits[i]))
+    # BOS gives every spelling the context a document start has; a base without BOS starts bare
+    prefix = 1 if bos_id >= 0 else 0
+    # a batch's log-softmax is tokens x base vocabulary floats: 2048 x 32000 x 4 B = 256 MiB
+    batches, batch, tokens_per_batch = [], [], 2048
+    for i in order:
+        if batch and (len(batch) + 1) * (len(splits[i]) + prefix) > tokens_per_batch:
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    if batch:
+        batches.append(batch)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in tqdm(batches, desc="head rows: base model over the new pieces", unit="batch"):
+            length = max(len(splits[i]) for i in batch) + prefix
+            ids = torch.zeros(len(batch), length, dtype=torch.long)
+            mask = torch.zeros(len(batch), length, dtype=torch.long)
+            for row, i in enumerate(batch):
+                if prefix:
+                    ids[row, 0] = bos_id
+                ids[row, prefix : len(splits[i]) + prefix] = torch.tensor(splits[i])
+                mask[row, : len(splits[i]) + prefix] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            states = model.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            logprobs = (states @ head[:base_rows].float().T).log_softmax(-1)
+            for row, i in enumerate(batch):
+                n = len(splits[i])
+                if n > 1:
+                    # position t predicts piece t+1: the pieces after the first, from the first on
+                    targets = ids[row, prefix + 1 : prefix + n]
+                    at = torch.arange(prefix, prefix + n - 1, device=device)
+                    rest_logprob[i] = logprobs[row, at, targets].sum().cpu()
+            # the BOS position is the same in every sequence: leave it out of the fit
+            real = states[:, prefix:][mask[:, prefix:].bool()].double()
+            gram += real.T @ real
+            moment += real.sum(dim=0)
+            positions += len(real)
+    model.train(was_training)
+    # ridge: (H^T H + lambda I) u = H^T 1, lambda = 1% of the mean squared hidden coordinate times
+    # the number of positions, so that u stays short where h has little constant component
+    ridge = 0.01 * gram.diagonal().mean()
+    direction = torch.linalg.solve(gram + ridge * torch.eye(hidden, dtype=torch.float64, device=device), moment)
+    fitted = float(direction @ moment / positions)
+    direction = direction.float().cpu()
+    base_head = head[:base_rows].detach().float().cpu()
+    rows = base_head.mean(dim=0).repeat(len(splits), 1)
+    for i in order:
+        offset = max(HEAD_LOGPROB_SCALE * float(rest_logprob[i]), HEAD_LOGPROB_FLOOR) + HEAD_LIFT
+        rows[i] = base_head[splits[i][0]] + offset * direction
+    model.to("cpu")
+    return rows, {
+        "head_fit_positions": positions,
+        "head_direction_mean_dot": round(fitted, 4),
+        "head_mean_rest_logprob": round(float(rest_logprob[order].mean()), 3) if order else 0.0,
+        "head_row_norm_ratio": round(float(rows.norm(dim=1).mean() / base_head.norm(dim=1).mean()), 3),
+    }
+
+
 def fill_padding_rows(matrix, first_padding_row: int, base_rows: int) -> None:
     """Padding rows = the mean of the base rows: never the largest logit (see the module doc)."""
     import torch
 
     with torch.no_grad():
         matrix[first_padding_row:] = matrix[:base_rows].float().mean(dim=0).to(matrix.dtype)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device  # checked by ExtendOptions.validate
 
 
 def extend_model(options: ExtendOptions) -> Path:
@@ -154,17 +280,27 @@ def extend_model(options: ExtendOptions) -> Path:
     multiple = options.pad_to_multiple_of
     rows = max(old_rows, math.ceil(tokenizer_size / multiple) * multiple)
 
+    head_init = options.head_init if options.init == "subword-mean" and not tied else None
+    splits = subword_ids(base_proto, merged_proto) if options.init == "subword-mean" else []
+    head_rows, head_figures = None, {}
+    if head_init == "logprob":
+        head_rows, head_figures = init_head_logprob(
+            model, splits, base_size, bos_id=base_proto.trainer_spec.bos_id, device=resolve_device(options.device)
+        )
+
     torch.manual_seed(options.seed)
     model.resize_token_embeddings(rows, mean_resizing=options.init == "mean")
     matrices = [model.get_input_embeddings().weight]
     if not tied:
         matrices.append(model.get_output_embeddings().weight)
-    unsplit, split_lengths = 0, []
+    unsplit = 0
     if options.init == "subword-mean":
-        splits = subword_ids(base_proto, merged_proto)
-        split_lengths = [len(ids) for ids in splits]
         for matrix in matrices:
             unsplit = init_subword_mean(matrix, splits, base_size)
+    if head_rows is not None:
+        head = model.get_output_embeddings().weight
+        with torch.no_grad():
+            head[base_size:tokenizer_size] = head_rows.to(head.dtype)
     for matrix in matrices:
         fill_padding_rows(matrix, tokenizer_size, base_size)
 
@@ -178,11 +314,13 @@ def extend_model(options: ExtendOptions) -> Path:
         "hidden_size": model.get_input_embeddings().weight.shape[1],
         "tied_embeddings": tied,
         "init": options.init,
+        "head_init": head_init,
         "dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
     }
-    if split_lengths:
-        figures["mean_base_pieces_per_new_row"] = round(sum(split_lengths) / len(split_lengths), 3)
+    if splits:
+        figures["mean_base_pieces_per_new_row"] = round(sum(map(len, splits)) / len(splits), 3)
         figures["new_rows_without_split"] = unsplit
+    figures.update(head_figures)
     with atomic_output_dir(options.out, overwrite=options.overwrite) as out_dir:
         model.save_pretrained(str(out_dir))
         copy_files(TOKENIZER_FILES, options.tokenizer, out_dir)
