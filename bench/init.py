@@ -8,8 +8,9 @@ character are comparable across tokenizers; the goal is ``subword-mean`` within 
 base model and far ahead of ``random``. ``subword-mean`` runs twice: with its default LM head
 (``--head-init logprob``) and with head rows averaged like the input rows (``--head-init
 mean``). ``--stage1-steps N`` also trains stage 1 (new rows only) for N steps from each start
-and scores again, to show which start trains best. It also measures the stage-1 adapter (new rows only)
-against Chinese-LLaMA's way (whole embedding + LM head) on this model and for LLaMA-7B shapes.
+and scores again, to show which start trains best. It also measures the stage-1 adapter (new
+rows only) against Chinese-LLaMA's way (whole embedding + LM head) on this model and for
+LLaMA-7B shapes.
 
 Time (2 idle CPU cores, about 4 minutes; ~3 more per variant with --stage1-steps 100) goes to
 training the base (~1 min), to the logprob head's pass over the new pieces (~30 s) and to five

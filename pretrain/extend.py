@@ -35,7 +35,7 @@ HEAD_INIT_METHODS = ("logprob", "mean")
 # tokenizer no longer emits; exp(2) = 7.4 gives the new pieces ~88% of that share.
 # SCALE and FLOOR: the exact offsets (1.0, no floor) start best (bits per character at step 0
 # +0.2% over the base model on bench/init.py) but make rows ~3x the base rows' norm, which
-# stage 1 then moves slowly; shrinking them starts at +2.6% and trains past the averaged head
+# stage 1 then moves slowly; shrinking them starts at +2.4% and trains level with the averaged head
 # (docs/pretrain.md has the table).
 HEAD_LOGPROB_SCALE = 0.75
 HEAD_LOGPROB_FLOOR = -8.0
@@ -163,9 +163,9 @@ def init_head_logprob(model, splits: list[list[int]], base_rows: int, *, bos_id:
     import torch
     from tqdm.auto import tqdm
 
-    head = model.get_output_embeddings().weight
-    hidden = head.shape[1]
     model.to(device)
+    base_head = model.get_output_embeddings().weight[:base_rows].detach().float()
+    hidden = base_head.shape[1]
     gram = torch.zeros(hidden, hidden, dtype=torch.float64, device=device)
     moment = torch.zeros(hidden, dtype=torch.float64, device=device)
     rest_logprob = torch.zeros(len(splits))
@@ -196,7 +196,7 @@ def init_head_logprob(model, splits: list[list[int]], base_rows: int, *, bos_id:
                 mask[row, : len(splits[i]) + prefix] = 1
             ids, mask = ids.to(device), mask.to(device)
             states = model.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-            logprobs = (states @ head[:base_rows].float().T).log_softmax(-1)
+            logprobs = (states @ base_head.T).log_softmax(-1)
             for row, i in enumerate(batch):
                 n = len(splits[i])
                 if n > 1:
@@ -216,7 +216,7 @@ def init_head_logprob(model, splits: list[list[int]], base_rows: int, *, bos_id:
     direction = torch.linalg.solve(gram + ridge * torch.eye(hidden, dtype=torch.float64, device=device), moment)
     fitted = float(direction @ moment / positions)
     direction = direction.float().cpu()
-    base_head = head[:base_rows].detach().float().cpu()
+    base_head = base_head.cpu()
     rows = base_head.mean(dim=0).repeat(len(splits), 1)
     for i in order:
         offset = max(HEAD_LOGPROB_SCALE * float(rest_logprob[i]), HEAD_LOGPROB_FLOOR) + HEAD_LIFT
@@ -295,7 +295,8 @@ def extend_model(options: ExtendOptions) -> Path:
         matrices.append(model.get_output_embeddings().weight)
     unsplit = 0
     if options.init == "subword-mean":
-        for matrix in matrices:
+        # the fitted head rows replace the head's mean rows: average only what keeps them
+        for matrix in matrices if head_rows is None else matrices[:1]:
             unsplit = init_subword_mean(matrix, splits, base_size)
     if head_rows is not None:
         head = model.get_output_embeddings().weight
