@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from zhllama.args import LoraArgs
 from zhllama.chain import DTYPES, check_block_size, load_chain
 from zhllama.corpus import DOC_SEPARATORS
 from zhllama.errors import ZhllamaError
@@ -34,8 +35,8 @@ from zhllama.training import (
 )
 
 
-@dataclass
-class PretrainOptions:
+@dataclass(kw_only=True)
+class PretrainOptions(LoraArgs):
     stage: int = option(help="1: train the new embedding/LM-head rows only; 2: LoRA plus those rows", choices=(1, 2))
     model: Path = option(help="extended model directory (from 'zhllama extend')")
     data: list[str] = option(help="training corpora (files, directories or globs)")
@@ -52,10 +53,6 @@ class PretrainOptions:
     train_embeddings: str = option(
         "new", choices=EMBEDDING_CHOICES, help="embedding/LM-head rows that train: the new ones, all (full matrices) or none"
     )
-    lora_r: int = option(8, help="LoRA rank (stage 2)")
-    lora_alpha: int = option(32, help="LoRA scaling numerator (stage 2)")
-    lora_dropout: float = option(0.05, help="LoRA dropout (stage 2)")
-    lora_target: list[str] = option(default_factory=lambda: list(ALL_LINEAR), help="module names LoRA wraps (stage 2)")
     dtype: str = option("float32", choices=DTYPES, help="dtype the weights are loaded in (use --bf16/--fp16 for mixed precision)")
     allow_base_mismatch: bool = option(False, help="apply adapters even if they were trained on another base")
     overwrite: bool = option(False, help="replace an existing output directory")
@@ -79,12 +76,8 @@ class PretrainOptions:
             problems.append(f"--train-embeddings must be one of {', '.join(EMBEDDING_CHOICES)}")
         if self.stage == 1 and self.train_embeddings == "none":
             problems.append("--stage 1 --train-embeddings none would train nothing; use new or all")
-        if self.stage == 2:
-            problems += self.lora().problems()
         check(problems)
-
-    def lora(self) -> LoraSettings:
-        return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, target=list(self.lora_target))
+        super().__post_init__()
 
 
 def load_data(options: PretrainOptions, chain, training_args):

@@ -24,6 +24,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zhllama.args import LoraArgs
 from zhllama.chain import DTYPES, load_chain
 from zhllama.errors import ZhllamaError
 from zhllama.options import at_least, check, option
@@ -41,8 +42,8 @@ from zhllama.training import (
 )
 
 
-@dataclass
-class SFTOptions:
+@dataclass(kw_only=True)
+class SFTOptions(LoraArgs):
     model: Path = option(help="base model directory (the extended model)")
     data: list[Path] = option(help="instruction data: Alpaca, ShareGPT or OpenAI-style records, .json or .jsonl")
     template: str = option(help=f"prompt template: {', '.join(TEMPLATES)}")
@@ -51,10 +52,6 @@ class SFTOptions:
     max_seq_length: int = option(512, help="longest sample in tokens; longer ones lose later turns, then response tail")
     validation_split: float = option(0.0, help="fraction of the conversations held out for the eval loss")
     packing: bool = option(False, help="pack short samples into rows of --max-seq-length (no attention across samples)")
-    lora_r: int = option(8, help="LoRA rank")
-    lora_alpha: int = option(16, help="LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = option(0.05, help="LoRA dropout")
-    lora_target: list[str] = option(help="modules LoRA wraps", default_factory=lambda: list(ALL_LINEAR))
     train_embeddings: str = option(
         "new", help="embedding / LM-head rows that train: new (rows added by extend), all or none", choices=EMBEDDING_CHOICES
     )
@@ -70,12 +67,8 @@ class SFTOptions:
         if not 0 <= self.validation_split < 1:
             problems.append(f"--validation-split must be in [0, 1), got {self.validation_split}")
         problems += [f"--data {p}: no such file" for p in self.data if not Path(p).is_file()]
-        problems += self.lora.problems()
         check(problems)
-
-    @property
-    def lora(self) -> LoraSettings:
-        return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, target=list(self.lora_target))
+        super().__post_init__()
 
 
 @dataclass
@@ -209,7 +202,7 @@ def sft_chain(options: SFTOptions, training_args) -> dict:
     model = build_peft_model(
         chain.model,
         new_token_ids=chain.new_token_ids,
-        lora=options.lora,
+        lora=options.lora(),
         train_embeddings=options.train_embeddings,
         seed=training_args.seed,
     )

@@ -50,20 +50,18 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
 import torch
 from transformers import Trainer, TrainerCallback, default_data_collator
 
+from zhllama.args import ALL_LINEAR, LoraSettings
 from zhllama.chain import TOKENIZER_FILES, embeddings_tied
 from zhllama.errors import ZhllamaError
-from zhllama.options import at_least
-from zhllama.outdir import atomic_output_dir, copy_files
 
-# LLaMA's attention and MLP projections: LoRA's default target (all linear layers but the LM head)
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from zhllama.outdir import atomic_output_dir, copy_files
 
 # LLaMA's pretraining optimiser settings (Touvron et al. 2023) and quiet, resumable defaults.
 # Users override any of them with the TrainingArguments flags.
@@ -91,27 +89,6 @@ TRAINING_DEFAULTS = {
 
 TrainEmbeddings = Literal["new", "all", "none"]
 EMBEDDING_CHOICES = ("new", "all", "none")
-
-
-@dataclass
-class LoraSettings:
-    """LoRA hyper-parameters: rank, scaling numerator, dropout and the projections it wraps."""
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target: Sequence[str] = field(default_factory=lambda: list(ALL_LINEAR))
-
-    def problems(self) -> list[str]:
-        found = []
-        at_least(found, "--lora-r", self.r, 1)
-        if self.alpha <= 0:
-            found.append(f"--lora-alpha must be positive (got {self.alpha})")
-        if not 0 <= self.dropout < 1:
-            found.append(f"--lora-dropout must be in [0, 1) (got {self.dropout})")
-        if not self.target:
-            found.append("--lora-target needs at least one module name")
-        return found
 
 
 def checkpoint_dir_for(out: str | Path) -> Path:
@@ -178,9 +155,6 @@ def build_peft_model(
             )
         config = TrainableTokensConfig(target_modules=embeddings, token_indices=token_ids)
     else:
-        from zhllama.options import check
-
-        check(lora.problems())
         available = linear_module_names(model)
         unknown = sorted(set(lora.target) - available)
         if unknown:
