@@ -24,7 +24,7 @@ ASSETS = REPO.parent / "shared" / "assets"
 
 
 def make_tokenizer(work: Path) -> Path:
-    from zhllama import tiny
+    from zhllama.demo import tiny
     from zhllama.cli import main
 
     if not ASSETS.is_dir():
@@ -39,7 +39,7 @@ def make_tokenizer(work: Path) -> Path:
 
 
 def make_corpus(work: Path, repeat: int) -> Path:
-    from zhllama import tiny
+    from zhllama.demo import tiny
 
     if ASSETS.is_dir():
         text = (ASSETS / "corpora" / "zh" / "hongloumeng.txt").read_text(encoding="utf-8")

@@ -59,7 +59,7 @@ def chapters(text: str) -> list[str]:
 
 
 def build_base(work: Path, paragraphs: list[str], steps: int, batch_size: int, hidden: int, layers: int) -> Path:
-    from zhllama import tiny
+    from zhllama.demo import tiny
     from zhllama.vocab.hf import save_hf_tokenizer
 
     tokenizer_dir = work / "llama_tokenizer"

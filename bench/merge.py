@@ -52,7 +52,7 @@ def build_inputs(work: Path) -> tuple[Path, Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from zhllama.tiny import write_base_tokenizer
+    from zhllama.demo.tiny import write_base_tokenizer
 
     base, adapter = work / "base", work / "lora"
     if (base / "tokenizer.model").is_file() and (adapter / "adapter_config.json").is_file():

@@ -70,7 +70,7 @@ def main() -> None:
         sys.exit(f"{RUOZHIBA}: not found (the real assets live beside the repository as ../shared/assets)")
     torch.set_num_threads(args.threads)
 
-    from zhllama import tiny
+    from zhllama.demo import tiny
 
     with tempfile.TemporaryDirectory(prefix="zhllama-bench-sft") as tmp:
         work = Path(tmp)

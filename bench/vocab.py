@@ -69,7 +69,8 @@ def transformers_own_conversion(model: Path, workdir: Path):
 
 
 def measure(name: str, model_dir: Path, base_pieces: int, corpora, llama_sp, workdir: Path) -> dict:
-    from zhllama.vocab import is_han_char, load_hf_tokenizer, load_sp_model, load_sp_proto
+    from zhllama.chain import load_tokenizer
+    from zhllama.vocab import is_han_char, load_sp_model, load_sp_proto
     from zhllama.vocab.merge import isolated_encodings
 
     sp = load_sp_model(model_dir)
@@ -88,7 +89,7 @@ def measure(name: str, model_dir: Path, base_pieces: int, corpora, llama_sp, wor
         "english_lines_changed": sum(a != b for a, b in zip(sp.encode(english), llama_sp.encode(english))),
         "english_lines": len(english),
         "unreachable_added_pieces": sum(seg != [p] for p, seg in zip(added, isolated_encodings(proto, added))),
-        "hf_sp_disagreeing_lines_ours": hf_disagreement(load_hf_tokenizer(model_dir), sp, corpora),
+        "hf_sp_disagreeing_lines_ours": hf_disagreement(load_tokenizer(model_dir), sp, corpora),
         "hf_sp_disagreeing_lines_transformers": hf_disagreement(
             transformers_own_conversion(model_dir / "tokenizer.model", workdir), sp, corpora
         ),

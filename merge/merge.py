@@ -36,28 +36,30 @@ from zhllama.chain import (
 from zhllama.errors import ZhllamaError
 from zhllama.merge.adapters import Adapter, fit_to_base, read_adapter
 from zhllama.merge.checkpoint import Checkpoint, ShardWriter, TensorInfo, parse_size, plan_shards, write_index
-from zhllama.options import check, option
+from zhllama.args import OutputArgs
+from zhllama.options import option
 from zhllama.outdir import atomic_output_dir, check_output_target, copy_files, read_manifest, write_manifest
 
 EMBEDDING = "model.embed_tokens.weight"
 OUTPUT_EMBEDDING = "lm_head.weight"
 
 
-@dataclass
-class MergeOptions:
+@dataclass(kw_only=True)
+class MergeOptions(OutputArgs):
     """Options of ``zhllama merge``."""
 
     model: Path = option(help="base model directory the adapters were trained on (e.g. the output of zhllama extend)")
     adapter: list[Path] = option(help="adapter directory, in chain order (repeat: --adapter stage1 --adapter stage2 --adapter sft)")
-    out: Path = option(help="output directory for the merged checkpoint")
     dtype: str | None = option(None, choices=DTYPES, help="dtype of the merged weights (default: the base model's)")
     max_shard_size: str = option("2GB", help="largest output shard, e.g. 2GB, 500MB, 1GiB")
     verify: bool = option(False, help="compare the merged model's logits with the base + adapter chain loaded through peft")
     gguf: Path | None = option(None, help="also write a GGUF file for llama.cpp here")
+    # merge reads the chain tensor by tensor instead of loading it (ChainArgs.load), so it
+    # declares its own model/adapter fields; --dtype here is the output's, not a load dtype
     overwrite: bool = option(False, help="replace --out (and --gguf) if they exist")
     allow_base_mismatch: bool = option(False, help="merge adapters recorded as trained on another base anyway")
 
-    def __post_init__(self) -> None:
+    def problems(self) -> list[str]:
         problems = []
         if not self.adapter:
             problems.append("--adapter: give at least one adapter directory")
@@ -69,7 +71,7 @@ class MergeOptions:
             problems.append(f"--gguf: '{self.gguf}' should end in .gguf")
         if self.gguf is not None and self.gguf.exists() and not self.overwrite:
             problems.append(f"--gguf: {self.gguf} exists; pass --overwrite to replace it")
-        check(problems)
+        return problems
 
 
 @dataclass

@@ -4,8 +4,7 @@ from zhllama.options import Command
 from zhllama.pretrain.evaluate import EvalOptions, evaluate_chain
 from zhllama.pretrain.extend import ExtendOptions, extend_model
 from zhllama.pretrain.train import PretrainOptions, pretrain_chain
-from zhllama.training import TRAINING_DEFAULTS
 
 extend = Command(ExtendOptions, extend_model)
-pretrain = Command(PretrainOptions, pretrain_chain, training=True, training_defaults=TRAINING_DEFAULTS)
+pretrain = Command(PretrainOptions, pretrain_chain, training=True)
 evaluate = Command(EvalOptions, evaluate_chain)

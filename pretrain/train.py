@@ -29,6 +29,7 @@ from zhllama.training import (
     EMBEDDING_CHOICES,
     LoraSettings,
     build_peft_model,
+    build_training_arguments,
     checkpoint_dir_for,
     train,
     training_output_dir,
@@ -112,12 +113,14 @@ def load_data(options: PretrainOptions, chain, training_args):
     return train_blocks, eval_blocks, info
 
 
-def pretrain_chain(options: PretrainOptions, training_args) -> Path:
+def pretrain_chain(options: PretrainOptions, training=None) -> Path:
     """Continue pretraining a model chain on corpora for one stage; write the adapter, its
     tokenizer, metrics.jsonl, loss.png and zhllama.json to --out.
 
-    Returns the output directory."""
+    ``training``: the TrainingArguments values chosen (a dict, a ``TrainingArguments`` or None),
+    on top of :data:`zhllama.training.TRAINING_DEFAULTS`. Returns the output directory."""
     check_output_target(options.out, options.overwrite)
+    training_args = build_training_arguments(options.out, training)
     if options.streaming and training_args.max_steps <= 0:
         raise ZhllamaError("--streaming has no length to count epochs from; pass --max-steps N")
     check_block_size(options.model, options.block_size)

@@ -15,18 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from zhllama.chain import DTYPES, ModelChain, load_chain
+from zhllama.args import ChainArgs
+from zhllama.chain import ModelChain
 from zhllama.errors import ZhllamaError
-from zhllama.options import at_least, check, option
-from zhllama.outdir import read_manifest
+from zhllama.options import at_least, option
+from zhllama.provenance import read_manifest
 from zhllama.sft.data import Conversation, Turn
 from zhllama.sft.templates import TEMPLATES, get_template, render_prompt, template_of_chat_template
 
 
-@dataclass
-class ChatOptions:
-    model: Path = option(help="base model directory (or a merged model)")
-    adapter: list[Path] = option(help="adapter directory to apply, in order (repeatable)", default_factory=list)
+@dataclass(kw_only=True)
+class ChatOptions(ChainArgs):
     template: str | None = option(
         None, help=f"prompt template, one of {', '.join(TEMPLATES)} (default: the one recorded with the model)"
     )
@@ -40,10 +39,8 @@ class ChatOptions:
     top_p: float = option(0.9, help="nucleus sampling: keep the likeliest tokens up to this probability mass")
     repetition_penalty: float = option(1.1, help="penalty for repeating tokens (1 = none)")
     seed: int | None = option(None, help="random seed, for reproducible sampling")
-    dtype: str = option("float32", help="dtype to load the model in", choices=DTYPES)
-    allow_base_mismatch: bool = option(False, help="apply adapters recorded for a different base model")
 
-    def __post_init__(self) -> None:
+    def problems(self) -> list[str]:
         problems = []
         at_least(problems, "--max-new-tokens", self.max_new_tokens, 1)
         if self.temperature <= 0:
@@ -56,7 +53,7 @@ class ChatOptions:
             problems.append("--raw completes plain text; drop --template/--system")
         if self.template is not None and self.template not in TEMPLATES:
             problems.append(f"unknown template '{self.template}'; known templates: {', '.join(TEMPLATES)}")
-        check(problems)
+        return problems
 
     @property
     def sampling(self) -> bool:
@@ -74,9 +71,9 @@ class PromptFormat:
 def recorded_template(chain: ModelChain) -> str | None:
     """The template recorded in the chain's manifests (last adapter first), if any."""
     for directory in [*reversed(chain.adapters), chain.model_dir]:
-        manifest = read_manifest(directory) or {}
-        if manifest.get("template"):
-            return manifest["template"]
+        manifest = read_manifest(directory)
+        if manifest and manifest.template:
+            return manifest.template
     return None
 
 
@@ -151,7 +148,7 @@ def chat(options: ChatOptions) -> str | None:
     Interactive: the conversation is kept between turns; ``/reset`` forgets it, ``/exit`` (or
     end of input) leaves. With ``prompt`` set, answers once and returns the answer.
     """
-    chain = load_chain(options.model, options.adapter, dtype=options.dtype, allow_base_mismatch=options.allow_base_mismatch)
+    chain = options.load()
     chain.model.eval()
     if options.seed is not None:
         import torch

@@ -3,7 +3,6 @@
 from zhllama.options import Command
 from zhllama.sft.chat import ChatOptions, chat as chat_with_model
 from zhllama.sft.train import SFTOptions, sft_chain
-from zhllama.training import TRAINING_DEFAULTS
 
-sft = Command(SFTOptions, sft_chain, training=True, training_defaults=TRAINING_DEFAULTS)
+sft = Command(SFTOptions, sft_chain, training=True)
 chat = Command(ChatOptions, chat_with_model)

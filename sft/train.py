@@ -28,7 +28,7 @@ from zhllama.args import LoraArgs
 from zhllama.chain import DTYPES, load_chain
 from zhllama.errors import ZhllamaError
 from zhllama.options import at_least, check, option
-from zhllama.outdir import write_manifest
+from zhllama.outdir import check_output_target, write_manifest
 from zhllama.sft.data import DataReport, pack_samples, read_conversations, tokenize_conversations
 from zhllama.sft.templates import TEMPLATES, Template, chat_template, get_template
 from zhllama.training import (
@@ -36,6 +36,8 @@ from zhllama.training import (
     EMBEDDING_CHOICES,
     LoraSettings,
     build_peft_model,
+    build_training_arguments,
+    TRAINING_DEFAULTS,
     checkpoint_dir_for,
     train,
     training_output_dir,
@@ -156,18 +158,21 @@ def add_chat_template(directory: Path, template: Template) -> None:
     (directory / "chat_template.jinja").write_text(jinja, encoding="utf-8")
 
 
-def _training_defaults_for_sft(training_args, *, packing: bool) -> None:
-    if training_args.include_num_input_tokens_seen == "all" and not packing:
-        training_args.include_num_input_tokens_seen = "non_padding"  # padded batches: count real tokens in tokens/s
+def sft_training_defaults(options: SFTOptions) -> dict:
+    """TRAINING_DEFAULTS, but padded batches count only their real tokens in tokens/s."""
+    return {**TRAINING_DEFAULTS, "include_num_input_tokens_seen": True if options.packing else "non_padding"}
 
 
-def sft_chain(options: SFTOptions, training_args) -> dict:
+def sft_chain(options: SFTOptions, training=None) -> dict:
     """Instruction-tune ``--model`` (+ ``--adapter`` chain) on ``--data`` in ``--template``'s format.
 
     Writes ``--out``: the LoRA adapter (plus trained embedding rows), the tokenizer with the
     template as its chat template, ``zhllama.json``, ``metrics.jsonl`` and ``loss.png``.
-    Returns the figures recorded in ``zhllama.json``.
+    ``training``: the TrainingArguments values chosen (a dict, a ``TrainingArguments`` or None),
+    on top of :func:`sft_training_defaults`. Returns the figures recorded in ``zhllama.json``.
     """
+    check_output_target(options.out, options.overwrite)
+    training_args = build_training_arguments(options.out, training, sft_training_defaults(options))
     template = get_template(options.template)
     chain = load_chain(options.model, options.adapter, dtype=options.dtype, allow_base_mismatch=options.allow_base_mismatch)
     data = build_sft_data(
@@ -206,7 +211,6 @@ def sft_chain(options: SFTOptions, training_args) -> dict:
         train_embeddings=options.train_embeddings,
         seed=training_args.seed,
     )
-    _training_defaults_for_sft(training_args, packing=options.packing)
     with training_output_dir(options.out, overwrite=options.overwrite, training_args=training_args) as out_dir:
         figures = train(
             model,

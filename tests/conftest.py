@@ -22,7 +22,7 @@ def assets() -> Path:
 @pytest.fixture(scope="session")
 def base_tokenizer_dir(tmp_path_factory) -> Path:
     """A LLaMA-style base tokenizer directory (BPE, byte fallback, split digits, 1000 pieces)."""
-    from zhllama import tiny
+    from zhllama.demo import tiny
 
     return tiny.write_base_tokenizer(tmp_path_factory.mktemp("base_tokenizer"))
 
@@ -30,7 +30,7 @@ def base_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, base_tokenizer_dir) -> Path:
     """A random tiny LLaMA (untied embeddings) with the base tokenizer beside it."""
-    from zhllama import tiny
+    from zhllama.demo import tiny
 
     return tiny.write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), base_tokenizer_dir)
 
@@ -38,7 +38,7 @@ def tiny_model_dir(tmp_path_factory, base_tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tied_model_dir(tmp_path_factory, base_tokenizer_dir) -> Path:
     """A random tiny LLaMA with tied input and output embeddings."""
-    from zhllama import tiny
+    from zhllama.demo import tiny
 
     return tiny.write_tiny_llama(tmp_path_factory.mktemp("tiny_llama_tied"), base_tokenizer_dir, tied=True)
 
@@ -46,7 +46,7 @@ def tiny_tied_model_dir(tmp_path_factory, base_tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def chinese_corpus(tmp_path_factory) -> Path:
     """A few thousand lines of Chinese text made from jieba's dictionary."""
-    from zhllama import tiny
+    from zhllama.demo import tiny
 
     return tiny.write_lines(tmp_path_factory.mktemp("corpus") / "zh.txt", tiny.chinese_sentences(3000, seed=7))
 

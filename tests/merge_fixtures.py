@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from zhllama.chain import apply_adapter, model_fingerprint
-from zhllama.outdir import copy_files, write_manifest
+from zhllama.outdir import copy_files
+from zhllama.provenance import write_manifest
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from zhllama import tiny
+from zhllama.demo import tiny
 from zhllama.cli import main
 
 # a tiny run's TrainingArguments: CPU, quiet, deterministic

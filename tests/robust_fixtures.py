@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from zhllama import tiny
+from zhllama.demo import tiny
 from zhllama.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

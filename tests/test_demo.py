@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from zhllama import cli
-from zhllama.demo import tokens_per_han, write_demo_data
-from zhllama.outdir import read_manifest
+from zhllama.demo.run import tokens_per_han, write_demo_data
+from zhllama.provenance import read_manifest
 
 DEMO_STEPS = "20"  # optimizer steps per pretraining stage in the end-to-end tests
 

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pretrain_fixtures import run
-from zhllama import tiny
+from zhllama.demo import tiny
 from zhllama.chain import load_tokenizer
 from zhllama.pretrain.evaluate import score_texts, scoring_windows
 

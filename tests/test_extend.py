@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from pretrain_fixtures import make_merged_tokenizer, manifest, run
-from zhllama import tiny
+from zhllama.demo import tiny
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -12,8 +12,9 @@ import pytest
 from zhllama import cli
 from zhllama.corpus import CorpusReport, read_documents
 from zhllama.errors import ZhllamaError
-from zhllama.options import add_options, check, option, options_from_namespace
-from zhllama.outdir import atomic_output_dir, read_manifest, write_manifest
+from zhllama.options import Command, check, option, parse_command
+from zhllama.outdir import atomic_output_dir
+from zhllama.provenance import read_manifest, write_manifest
 
 
 def test_reads_every_corpus_format(tmp_path):
@@ -99,17 +100,20 @@ class _Options:
         check([f"--size must be positive, got {self.size}"] if self.size <= 0 else [])
 
 
-def test_options_map_to_flags():
-    import argparse
+def _parse(argv):
+    options, _ = parse_command("test", Command(_Options, lambda options: None), argv)
+    return options
 
-    parser = argparse.ArgumentParser()
-    add_options(parser, _Options)
-    ns = parser.parse_args(["a.txt", "b.txt", "--out", "o", "--size", "3", "--adapter", "x", "--adapter", "y", "--jieba"])
-    opts = options_from_namespace(_Options, ns)
+
+def test_options_map_to_flags():
+    opts = _parse(["a.txt", "b.txt", "--out", "o", "--size", "3", "--adapter", "x", "--adapter", "y", "--jieba"])
     assert opts == _Options([Path("a.txt"), Path("b.txt")], Path("o"), 3, [Path("x"), Path("y")], True)
-    assert options_from_namespace(_Options, parser.parse_args(["a", "--out", "o"])).adapter == []
+    assert _parse(["a", "--out", "o"]).adapter == []
+    assert _parse(["a", "--out", "o", "--no-jieba"]).jieba is False
     with pytest.raises(ZhllamaError, match="--size must be positive"):
-        options_from_namespace(_Options, parser.parse_args(["a", "--out", "o", "--size", "0"]))
+        _parse(["a", "--out", "o", "--size", "0"])
+    with pytest.raises(ZhllamaError, match="unrecognized arguments: --bogus"):
+        _parse(["a", "--out", "o", "--bogus"])
 
 
 def test_cli_help_and_unknown_command(capsys):

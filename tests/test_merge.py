@@ -13,7 +13,7 @@ from safetensors import safe_open
 from merge_fixtures import chain_adapters, chain_model, load_merged, logits, make_adapter
 from zhllama.chain import load_chain
 from zhllama.cli import main
-from zhllama.outdir import file_sha256
+from zhllama.provenance import file_sha256
 
 NEW_ROWS = list(range(900, 1000))  # as if `zhllama extend` had added the last 100 pieces
 IDS = [1, 5, 17, 250, 901, 950, 999, 42, 3]

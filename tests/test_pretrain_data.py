@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from zhllama import tiny
+from zhllama.demo import tiny
 from zhllama.chain import load_tokenizer
 from zhllama.errors import ZhllamaError
 from zhllama.pretrain.data import build_blocks, collate_blocks, stream_blocks

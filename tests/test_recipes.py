@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from zhllama.outdir import read_manifest
+from zhllama.provenance import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -117,7 +117,7 @@ def tiny_settings(work: Path, model: Path, corpus: Path, sft_data: Path) -> dict
 
 @pytest.mark.slow
 def test_run_all_with_tiny_settings(tmp_path, tiny_model_dir, chinese_corpus):
-    from zhllama import tiny
+    from zhllama.demo import tiny
 
     sft_data = tiny.write_json(tmp_path / "sft.json", tiny.instruction_records(64, seed=3))
     work = tmp_path / "run"

@@ -24,7 +24,7 @@ from typing import Callable
 import pytest
 from robust_fixtures import IS_ROOT, TRAIN_FLAGS, Chain, build_chain, cli, error_line, leftovers, read_only_directory, small_filesystem
 
-from zhllama import tiny
+from zhllama.demo import tiny
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from robust_fixtures import TRAIN_FLAGS, build_chain, cli, error_line, leftovers, manifest, ok
 
-from zhllama import tiny
+from zhllama.demo import tiny
 from zhllama.chain import model_fingerprint
-from zhllama.outdir import file_sha256
+from zhllama.provenance import file_sha256
 
 CORE_VERSIONS = ("zhllama", "python", "torch", "transformers", "tokenizers", "sentencepiece")
 

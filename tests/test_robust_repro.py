@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from robust_fixtures import TRAIN_FLAGS, build_chain, dir_bytes, ok
 
-from zhllama import tiny
+from zhllama.demo import tiny
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def instructions(tmp_path_factory):
-    from zhllama import tiny
+    from zhllama.demo import tiny
 
     return tiny.write_json(tmp_path_factory.mktemp("sft_data") / "instructions.json", tiny.instruction_records(400))
 
@@ -159,7 +159,7 @@ def test_packed_rows_attend_within_each_sample(tiny_model_dir, base_tokenizer_di
     logits and the loss each sample gets alone, with eager and sdpa attention."""
     from transformers import AutoModelForCausalLM
 
-    from zhllama import tiny
+    from zhllama.demo import tiny
     from zhllama.chain import load_tokenizer
     from zhllama.sft.data import Conversation, Turn, pack_samples, tokenize_conversations
     from zhllama.sft.train import data_collator

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from zhllama import tiny
+from zhllama.demo import tiny
 from zhllama.cli import main
 
 

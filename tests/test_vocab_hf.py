@@ -13,7 +13,8 @@ import pytest
 
 from vocab_fixtures import fuzz_texts, train_sp, write_model
 from zhllama.errors import ZhllamaError
-from zhllama.vocab import load_hf_tokenizer, load_sp_model, save_hf_tokenizer
+from zhllama.chain import load_tokenizer
+from zhllama.vocab import load_sp_model, save_hf_tokenizer
 from zhllama.vocab.hf import hf_merges, unbuildable_pieces
 from zhllama.vocab.spmodel import load_sp_proto
 
@@ -40,7 +41,7 @@ def tokenizer_dir(request, tmp_path_factory) -> Path:
 
 
 def test_hf_encodes_like_sentencepiece(tokenizer_dir, texts):
-    hf, sp = load_hf_tokenizer(tokenizer_dir), load_sp_model(tokenizer_dir)
+    hf, sp = load_tokenizer(tokenizer_dir), load_sp_model(tokenizer_dir)
     hf_ids = hf(texts, verbose=False)["input_ids"]
     sp_ids = sp.encode(texts)
     differing = [(t, s, h) for t, s, h in zip(texts, sp_ids, hf_ids) if h != [sp.bos_id(), *s]]
@@ -48,7 +49,7 @@ def test_hf_encodes_like_sentencepiece(tokenizer_dir, texts):
 
 
 def test_hf_decodes_like_sentencepiece(tokenizer_dir, texts):
-    hf, sp = load_hf_tokenizer(tokenizer_dir), load_sp_model(tokenizer_dir)
+    hf, sp = load_tokenizer(tokenizer_dir), load_sp_model(tokenizer_dir)
     byte_fallback = sp.is_byte(sp.piece_to_id("<0x41>"))
     for text in texts:
         ids = hf.encode(text)
@@ -64,7 +65,7 @@ def test_hf_decodes_like_sentencepiece(tokenizer_dir, texts):
 def test_decode_round_trips_llama_style(tmp_path, texts):
     write_model(tmp_path / "tokenizer.model", train_sp())
     save_hf_tokenizer(tmp_path / "tokenizer.model", tmp_path)
-    hf = load_hf_tokenizer(tmp_path)
+    hf = load_tokenizer(tmp_path)
     # a literal ▁ is a space to SentencePiece too, so it cannot come back
     assert all(hf.decode(hf.encode(t), skip_special_tokens=True) == t for t in texts if "\u2581" not in t)
 
@@ -76,7 +77,7 @@ def test_files_and_config(tokenizer_dir):
     assert config["bos_token"] == "<s>" and config["eos_token"] == "</s>" and config["unk_token"] == "<unk>"
     assert config["add_bos_token"] is True and config["add_eos_token"] is False
     assert config["pad_token"] is None and config["clean_up_tokenization_spaces"] is False
-    hf = load_hf_tokenizer(tokenizer_dir)
+    hf = load_tokenizer(tokenizer_dir)
     assert hf.pad_token is None and hf.bos_token_id == 1 and hf.eos_token_id == 2 and hf.unk_token_id == 0
     assert len(hf) == load_sp_model(tokenizer_dir).get_piece_size()
     # AutoTokenizer must use our tokenizer.json as written, not rebuild it from tokenizer.model
@@ -95,7 +96,7 @@ def test_merges_ranked_by_score_and_every_piece_buildable(tmp_path):
 
 
 def test_control_text_is_literal_when_split_special_tokens(tokenizer_dir):
-    hf, sp = load_hf_tokenizer(tokenizer_dir), load_sp_model(tokenizer_dir)
+    hf, sp = load_tokenizer(tokenizer_dir), load_sp_model(tokenizer_dir)
     text = "a <s> b </s>"
     assert hf.encode(text, add_special_tokens=False, split_special_tokens=True) == sp.encode(text)
 

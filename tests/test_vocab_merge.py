@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from vocab_fixtures import fuzz_texts, train_sp, write_model
-from zhllama import tiny
+from zhllama.demo import tiny
 from zhllama.errors import ZhllamaError
-from zhllama.vocab import MergeOptions, TrainOptions, load_hf_tokenizer, load_sp_model, load_sp_proto, merge_tokenizers, train_sp_model
+from zhllama.chain import load_tokenizer
+from zhllama.vocab import MergeOptions, TrainOptions, load_sp_model, load_sp_proto, merge_tokenizers, train_sp_model
 from zhllama.vocab.merge import isolated_encodings
 from zhllama.vocab.spmodel import NORMAL, is_cjk_piece
 
@@ -87,7 +88,7 @@ def test_text_without_cjk_encodes_as_base(merged, base_tokenizer_dir):
 
 def test_chinese_gets_shorter_and_hf_agrees(merged, base_tokenizer_dir):
     out, _ = merged
-    base, sp, hf = load_sp_model(base_tokenizer_dir), load_sp_model(out), load_hf_tokenizer(out)
+    base, sp, hf = load_sp_model(base_tokenizer_dir), load_sp_model(out), load_tokenizer(out)
     zh = tiny.chinese_sentences(300, seed=42)
     assert sum(map(len, sp.encode(zh))) < 0.6 * sum(map(len, base.encode(zh)))
     texts = fuzz_texts(2500, seed=6) + zh

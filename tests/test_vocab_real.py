@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from zhllama.vocab import MergeOptions, load_hf_tokenizer, load_sp_model, load_sp_proto, merge_tokenizers, save_hf_tokenizer
+from zhllama.chain import load_tokenizer
+from zhllama.vocab import MergeOptions, load_sp_model, load_sp_proto, merge_tokenizers, save_hf_tokenizer
 from zhllama.vocab.merge import isolated_encodings
 
 pytestmark = pytest.mark.real_assets
@@ -93,7 +94,7 @@ def test_chinese_compression_within_one_percent_of_chinese_llama(merged, assets,
 def test_hf_agrees_with_sentencepiece_on_every_asset_line(merged, llama_dir, corpora):
     out, _ = merged
     for directory in (out, llama_dir):
-        hf, sp = load_hf_tokenizer(directory), load_sp_model(directory)
+        hf, sp = load_tokenizer(directory), load_sp_model(directory)
         for name, lines in corpora.items():
             hf_ids = hf(lines, add_special_tokens=False, verbose=False)["input_ids"]
             differing = sum(a != b for a, b in zip(hf_ids, sp.encode(lines)))
@@ -106,7 +107,7 @@ def test_llama_written_by_us_passes_llama_cpp_vectors(llama_dir, assets):
     if inputs[-1] == "" and expected[-1] == "":
         inputs, expected = inputs[:-1], expected[:-1]  # both files end with their separator
     assert len(inputs) == len(expected) > 40
-    hf = load_hf_tokenizer(llama_dir)
+    hf = load_tokenizer(llama_dir)
     for text, ids in zip(inputs, expected):
         assert hf.encode(text, add_special_tokens=False) == [int(i) for i in ids.split()], repr(text)
         assert hf.encode(text)[0] == 1
@@ -114,6 +115,6 @@ def test_llama_written_by_us_passes_llama_cpp_vectors(llama_dir, assets):
 
 def test_stories260k_tokenizer_written_by_us_matches(assets, tmp_path, corpora):
     save_hf_tokenizer(assets / "models/stories260K/tokenizer.model", tmp_path)
-    hf, sp = load_hf_tokenizer(tmp_path), load_sp_model(tmp_path)
+    hf, sp = load_tokenizer(tmp_path), load_sp_model(tmp_path)
     lines = corpora["frankenstein"] + corpora["libai_article"]
     assert hf(lines, add_special_tokens=False, verbose=False)["input_ids"] == sp.encode(lines)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from zhllama import tiny
+from zhllama.demo import tiny
 from zhllama.errors import ZhllamaError
 from zhllama.vocab import StatsOptions, format_table, load_sp_model, tokenizer_stats
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from zhllama import tiny
+from zhllama.demo import tiny
 from zhllama.errors import ZhllamaError
 from zhllama.vocab import TrainOptions, load_sp_proto, train_sp_model
 from zhllama.vocab.train import SampleReport, reservoir_sample, split_long_line

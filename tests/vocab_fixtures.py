@@ -1,7 +1,7 @@
 """Helpers for the vocab tests: tiny SentencePiece models trained in code, and fuzz text.
 
 Nothing here touches the real assets; every model trains in a second or two on text made
-from jieba's dictionary and a list of English words (``zhllama.tiny``).
+from jieba's dictionary and a list of English words (``zhllama.demo.tiny``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from zhllama import tiny
+from zhllama.demo import tiny
 
 LLAMA_STYLE = tiny.LLAMA_STYLE_TRAINER_SPEC
 

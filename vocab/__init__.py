@@ -10,7 +10,7 @@ The public API (the CLI in ``zhllama.vocab.cli`` is a thin layer over it):
   BPE model under ``AutoTokenizer``; :func:`load_sp_model`, :func:`load_hf_tokenizer`.
 """
 
-from zhllama.vocab.hf import build_hf_tokenizer, load_hf_tokenizer, save_hf_tokenizer
+from zhllama.vocab.hf import build_hf_tokenizer, save_hf_tokenizer
 from zhllama.vocab.merge import MergeOptions, MergeReport, merge_sp_models, merge_tokenizers
 from zhllama.vocab.spmodel import is_cjk_piece, is_han_char, load_sp_model, load_sp_proto
 from zhllama.vocab.stats import StatsOptions, TokenizerStats, format_table, measure, tokenizer_stats
@@ -26,7 +26,6 @@ __all__ = [
     "format_table",
     "is_cjk_piece",
     "is_han_char",
-    "load_hf_tokenizer",
     "load_sp_model",
     "load_sp_proto",
     "measure",

@@ -52,7 +52,6 @@ from zhllama.vocab.spmodel import (
     require_bpe_model,
 )
 
-HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # The class AutoTokenizer instantiates. It must load tokenizer.json as written: transformers 5's
 # LlamaTokenizer has its own __init__ that rebuilds the normaliser/pre-tokenizer from vocab and
 # merges, while PreTrainedTokenizerFast (= TokenizersBackend) takes the file verbatim. The name
@@ -243,13 +242,3 @@ def save_hf_tokenizer(
         with open(out / name, "w", encoding="utf-8") as fh:
             json.dump(content, fh, ensure_ascii=False, indent=2)
             fh.write("\n")
-
-
-def load_hf_tokenizer(directory: str | Path):
-    """``AutoTokenizer.from_pretrained(directory)``, with our error type for missing files."""
-    from transformers import AutoTokenizer
-
-    directory = Path(directory)
-    if not (directory / "tokenizer.json").is_file():
-        raise ZhllamaError(f"{directory}: no tokenizer.json; write one with zhllama.vocab.save_hf_tokenizer")
-    return AutoTokenizer.from_pretrained(str(directory))

@@ -27,8 +27,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from zhllama.errors import ZhllamaError
-from zhllama.options import check, option
-from zhllama.outdir import atomic_output_dir, check_output_target, write_manifest
+from zhllama.args import OutputArgs
+from zhllama.options import option
+from zhllama.outdir import atomic_output_dir, check_output_target
+from zhllama.provenance import write_manifest
 from zhllama.vocab.hf import save_hf_tokenizer, unbuildable_pieces
 from zhllama.vocab.spmodel import (
     NORMAL,
@@ -48,27 +50,25 @@ from zhllama.vocab.spmodel import (
 MAX_FIX_ROUNDS = 8
 
 
-@dataclass
-class MergeOptions:
+@dataclass(kw_only=True)
+class MergeOptions(OutputArgs):
     """Options of ``zhllama vocab merge``."""
 
     base: Path = option(help="base tokenizer: a tokenizer.model file or a model/tokenizer directory holding one")
-    out: Path = option(help="output tokenizer directory")
     add: list[Path] = option(
         help="SentencePiece model whose pieces to add (repeatable; added in the order given)", default_factory=list
     )
     words: list[Path] = option(help="file of whole words to add, one per line (repeatable)", default_factory=list)
     all_pieces: bool = option(False, help="add non-CJK pieces too (text without CJK may then encode differently)")
     model_max_length: int = option(4096, help="model_max_length written to tokenizer_config.json")
-    overwrite: bool = option(False, help="replace an existing non-empty --out directory")
 
-    def __post_init__(self) -> None:
+    def problems(self) -> list[str]:
         problems = []
         if not self.add and not self.words:
             problems.append("pass at least one --add SP_MODEL or --words FILE")
         if self.model_max_length < 1:
             problems.append(f"--model-max-length must be positive, got {self.model_max_length}")
-        check(problems)
+        return problems
 
 
 @dataclass

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 from zhllama.corpus import iter_documents
-from zhllama.options import at_least, check, option
+from zhllama.args import CorpusArgs
+from zhllama.options import at_least, option
 from zhllama.outdir import atomic_output_file
 from zhllama.vocab.spmodel import is_han_char, load_sp_model, resolve_sp_model_path
 from zhllama.vocab.train import SampleReport, reservoir_sample
@@ -22,8 +23,8 @@ from zhllama.vocab.train import SampleReport, reservoir_sample
 BATCH = 2000
 
 
-@dataclass
-class StatsOptions:
+@dataclass(kw_only=True)
+class StatsOptions(CorpusArgs):
     """Options of ``zhllama vocab stats``."""
 
     corpus: list[str] = option(help="corpora to measure on (each argument is reported separately)", positional=True)
@@ -31,18 +32,16 @@ class StatsOptions:
     json: Path | None = option(None, help="also write the figures to this JSON file")
     max_lines: int = option(0, help="measure on at most this many lines per corpus, sampled uniformly (0 = all)")
     hf: bool = option(True, help="compare with the HF tokenizer when a tokenizer.json is next to the model")
-    text_field: str = option("text", help="field holding the text in .jsonl/.json/.parquet corpora")
-    doc_sep: str = option("line", help="in .txt corpora, one document per line or blank-line separated", choices=("line", "blank"))
     strict: bool = option(False, help="fail on lines that are not valid UTF-8 (default: count and skip them)")
 
-    def __post_init__(self) -> None:
+    def problems(self) -> list[str]:
         problems = []
         if not self.tokenizer:
             problems.append("pass at least one --tokenizer")
         if not self.corpus:
             problems.append("pass at least one CORPUS")
         at_least(problems, "--max-lines", self.max_lines, 0)
-        check(problems)
+        return problems
 
 
 @dataclass
@@ -78,12 +77,12 @@ def corpus_lines(spec: str, *, text_field: str = "text", doc_sep: str = "line", 
 
 def hf_tokenizer_beside(path: str | Path):
     """The HF tokenizer in the model's directory, or None when there is no tokenizer.json."""
-    from zhllama.vocab.hf import load_hf_tokenizer
+    from zhllama.chain import load_tokenizer
 
     directory = resolve_sp_model_path(path).parent
     if not (directory / "tokenizer.json").is_file():
         return None
-    return load_hf_tokenizer(directory)
+    return load_tokenizer(directory)
 
 
 def hf_disagreements(hf_tokenizer, lines: list[str], sp_ids: list[list[int]]) -> int:

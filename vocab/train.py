@@ -33,8 +33,10 @@ import sentencepiece as spm
 
 from zhllama.corpus import CorpusReport, iter_documents
 from zhllama.errors import ZhllamaError
-from zhllama.options import at_least, check, option
-from zhllama.outdir import atomic_output_dir, check_output_target, write_manifest
+from zhllama.args import CorpusArgs, OutputArgs
+from zhllama.options import at_least, option
+from zhllama.outdir import atomic_output_dir, check_output_target
+from zhllama.provenance import write_manifest
 
 MODEL_FILE = "chinese_sp.model"
 VOCAB_FILE = "chinese_sp.vocab"
@@ -43,12 +45,11 @@ JIEBA_DELIMITER = "\u2063"
 MODEL_TYPES = ("bpe", "unigram")
 
 
-@dataclass
-class TrainOptions:
+@dataclass(kw_only=True)
+class TrainOptions(CorpusArgs, OutputArgs):
     """Options of ``zhllama vocab train``."""
 
     corpus: list[str] = option(help="corpus files, directories or globs (.txt, .jsonl/.json, .parquet, .gz)", positional=True)
-    out: Path = option(help="output directory for chinese_sp.model, chinese_sp.vocab, zhllama.json")
     vocab_size: int = option(20000, help="number of pieces, including <unk>, <s>, </s>")
     model_type: str = option("bpe", help="SentencePiece model type", choices=MODEL_TYPES)
     character_coverage: float = option(0.9995, help="share of characters the model must cover; rarer ones are left out")
@@ -57,12 +58,9 @@ class TrainOptions:
     max_sentence_length: int = option(8192, help="longer lines are cut at sentence ends into pieces of at most this many bytes")
     threads: int = option(0, help="training threads (0 = all cores)")
     seed: int = option(0, help="random seed for sampling and training (same inputs + seed = identical model)")
-    text_field: str = option("text", help="field holding the text in .jsonl/.json/.parquet corpora")
-    doc_sep: str = option("line", help="in .txt corpora, one document per line or blank-line separated", choices=("line", "blank"))
     strict: bool = option(False, help="fail on lines that are not valid UTF-8 (default: count and skip them)")
-    overwrite: bool = option(False, help="replace an existing non-empty --out directory")
 
-    def __post_init__(self) -> None:
+    def problems(self) -> list[str]:
         problems = []
         if not self.corpus:
             problems.append("pass at least one CORPUS")
@@ -74,7 +72,7 @@ class TrainOptions:
         at_least(problems, "--max-sentences", self.max_sentences, 0)
         at_least(problems, "--max-sentence-length", self.max_sentence_length, 256, " bytes")
         at_least(problems, "--threads", self.threads, 0)
-        check(problems)
+        return problems
 
 
 @dataclass
@@ -109,7 +107,7 @@ def split_long_line(line: str, max_bytes: int) -> Iterator[str]:
         yield "".join(chunk)
 
 
-def corpus_lines(documents: Iterable[str], max_bytes: int) -> Iterator[str]:
+def training_sentences(documents: Iterable[str], max_bytes: int) -> Iterator[str]:
     """Non-empty lines of the documents, long ones cut to ``max_bytes``."""
     for doc in documents:
         for line in doc.split("\n"):
@@ -228,7 +226,7 @@ def train_sp_model(options: TrainOptions) -> Path:
     documents = iter_documents(
         options.corpus, text_field=options.text_field, doc_sep=options.doc_sep, strict=options.strict, report=corpus_report
     )
-    lines = _progress(corpus_lines(documents, options.max_sentence_length), "reading corpus")
+    lines = _progress(training_sentences(documents, options.max_sentence_length), "reading corpus")
     sample = reservoir_sample(lines, options.max_sentences, options.seed, sample_report)
     if options.jieba:
         sample = jieba_segment(sample)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from zhllama.errors import ZhllamaError
-from zhllama.outdir import read_manifest
+from zhllama.provenance import read_manifest
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -84,19 +84,45 @@ def tokenizer_dir_of(model_dir: Path, adapters: Sequence[Path]) -> Path:
 
 
 def load_tokenizer(directory: str | Path):
-    """The Hugging Face tokenizer of a zhllama-written (or compatible) directory."""
+    """The Hugging Face tokenizer of a model, adapter or tokenizer directory.
+
+    A directory with ``tokenizer.json`` loads it. One that holds only ``tokenizer.model``
+    (original LLaMA conversions, many mirrors) gets the exact HF tokenizer built from it in a
+    temporary directory (transformers' own conversion encodes differently), said once on
+    stderr; the user's directory is never written to.
+    """
     from transformers import AutoTokenizer
 
     directory = Path(directory)
     if not (directory / "tokenizer.json").is_file():
-        raise ZhllamaError(
-            f"{directory}: no tokenizer.json; write one with 'zhllama vocab merge' (an exact copy of "
-            "SentencePiece's behaviour) rather than letting transformers convert tokenizer.model"
-        )
+        if not (directory / "tokenizer.model").is_file():
+            raise ZhllamaError(f"{directory}: no tokenizer (tokenizer.json or tokenizer.model)")
+        return _tokenizer_from_sp_model(directory)
     try:
         return AutoTokenizer.from_pretrained(str(directory))
     except Exception as e:  # tokenizers raises its own Exception subclass on a corrupt tokenizer.json
         raise ZhllamaError(f"{directory}: cannot load tokenizer: {' '.join(str(e).split())[:300]}") from e
+
+
+def _tokenizer_from_sp_model(directory: Path):
+    import sys
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from zhllama.vocab.hf import save_hf_tokenizer
+
+    if str(directory.resolve()) not in _ANNOUNCED:
+        _ANNOUNCED.add(str(directory.resolve()))
+        print(f"zhllama: {directory} has no tokenizer.json; using the exact tokenizer built from its tokenizer.model", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="zhllama-tokenizer-") as scratch:
+        save_hf_tokenizer(directory / "tokenizer.model", scratch)
+        if (directory / "chat_template.jinja").is_file():
+            (Path(scratch) / "chat_template.jinja").write_bytes((directory / "chat_template.jinja").read_bytes())
+        return AutoTokenizer.from_pretrained(scratch)
+
+
+_ANNOUNCED: set[str] = set()
 
 
 def embedding_rows(model) -> int:
@@ -145,8 +171,8 @@ class ModelChain:
     @property
     def base_vocab_size(self) -> int | None:
         """Rows the model had before ``zhllama extend`` (None when it was not extended by us)."""
-        manifest = read_manifest(self.model_dir) or {}
-        return manifest.get("figures", {}).get("base_vocab_size")
+        manifest = read_manifest(self.model_dir)
+        return manifest.base_vocab_size if manifest else None
 
     @property
     def new_token_ids(self) -> list[int]:
@@ -164,8 +190,8 @@ class ModelChain:
 
 def check_adapter_base(adapter_dir: Path, fingerprint: str, model_dir: Path, allow_mismatch: bool) -> None:
     """An adapter records the fingerprint of the base it was trained on; refuse another base."""
-    manifest = read_manifest(adapter_dir) or {}
-    recorded = manifest.get("chain", {}).get("model_fingerprint")
+    manifest = read_manifest(adapter_dir)
+    recorded = manifest.model_fingerprint if manifest else None
     if recorded and recorded != fingerprint and not allow_mismatch:
         raise ZhllamaError(
             f"adapter {adapter_dir} was trained on a base with fingerprint {recorded}, but {model_dir} has "

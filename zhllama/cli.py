@@ -10,7 +10,6 @@ The table of every such error is ``docs/errors.md``.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
@@ -32,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "chat": ("zhllama.sft.cli", "chat", "chat with (or complete text from) a model chain"),
     "merge": ("zhllama.merge.cli", "merge", "bake an adapter chain into one checkpoint, shard by shard"),
     "export gguf": ("zhllama.merge.cli", "export_gguf", "export a merged LLaMA checkpoint to GGUF for llama.cpp"),
-    "demo": ("zhllama.demo", "demo", "run the whole pipeline on a built-in tiny default"),
+    "demo": ("zhllama.demo.run", "demo", "run the whole pipeline on a built-in tiny default"),
 }
 
 
@@ -61,91 +60,38 @@ def _split_command(argv: Sequence[str]) -> tuple[str, list[str]]:
     raise ZhllamaError(f"unknown command '{argv[0]}'; run 'zhllama --help' for the list")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line as one :class:`ZhllamaError` line, like every
-    other user error, instead of printing the whole usage and exiting 2."""
-
-    def error(self, message: str):
-        raise ZhllamaError(f"{self.prog}: {message} (see '{self.prog} --help')")
+def load_command(name: str):
+    """The :class:`zhllama.options.Command` registered for sub-command ``name``."""
+    module, attribute, _ = COMMANDS[name]
+    return getattr(importlib.import_module(module), attribute)
 
 
-def build_parser(name: str, command) -> argparse.ArgumentParser:
-    from zhllama.options import add_options
-
-    doc = (command.run.__doc__ or COMMANDS[name][2]).strip()
-    parser = _Parser(
-        prog=f"zhllama {name}",
-        description=doc.split("\n\n")[0],
-        epilog=(
-            "Also accepts every transformers.TrainingArguments flag (e.g. --learning-rate, "
-            "--num-train-epochs, --per-device-train-batch-size) and --config FILE.yaml."
-            if command.training
-            else None
-        ),
-    )
-    add_options(parser, command.options)
-    if command.training:
-        parser.add_argument("--config", help="YAML file of options (ours and TrainingArguments); flags win")
-    return parser
-
-
-def _training_arguments(command, leftover: list[str], config_rest: list[str], output_dir: str):
-    from transformers import HfArgumentParser, TrainingArguments
-
-    defaults: list[str] = []
-    for key, value in command.training_defaults.items():
-        defaults += [f"--{key}", str(value)]
-    tokens = ["--output_dir", output_dir, *defaults, *config_rest, *leftover]
-    parser = HfArgumentParser(TrainingArguments)
-    try:
-        (training_args,) = parser.parse_args_into_dataclasses(tokens, look_for_args_file=False)
-    except SystemExit as e:
-        raise ZhllamaError(f"bad training flag among: {' '.join(leftover + config_rest)}") from e
-    except ValueError as e:
-        raise ZhllamaError(f"bad training arguments: {e}") from e
-    return training_args
+def is_main_process() -> bool:
+    """False in every process but the first of an ``accelerate launch`` / torchrun run."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def run_command(name: str, argv: list[str]) -> object:
-    """Parse ``argv`` for the sub-command ``name`` and call its function."""
-    import dataclasses
+    """Parse ``argv`` for the sub-command ``name``, call its function and print its summary.
 
-    from zhllama.options import options_from_namespace, yaml_to_argv
+    This is the one runner every command goes through: it refuses an existing ``--out``
+    before any model is loaded or data read (commands with :class:`zhllama.args.OutputArgs`),
+    calls the stage function (which writes its output directory atomically with its
+    ``zhllama.json``) and prints ``result.summary()`` on the main process only.
+    """
+    from zhllama.args import OutputArgs
+    from zhllama.options import parse_command
+    from zhllama.outdir import check_output_target
 
-    module, attribute, _ = COMMANDS[name]
-    command = getattr(importlib.import_module(module), attribute)
-    parser = build_parser(name, command)
-    config_ours: list[str] = []
-    config_rest: list[str] = []
-    if command.training and "--config" in argv:
-        import yaml
-
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise ZhllamaError("--config needs a FILE.yaml")
-        path = argv[i + 1]
-        try:
-            with open(path, encoding="utf-8") as fh:
-                config = yaml.safe_load(fh) or {}
-        except OSError as e:
-            raise ZhllamaError(f"{path}: cannot read config: {e.strerror or e}") from e
-        except yaml.YAMLError as e:
-            raise ZhllamaError(f"{path}: malformed YAML: {' '.join(str(e).split())}") from e
-        if not isinstance(config, dict):
-            raise ZhllamaError(f"{path}: config must be a mapping of option names to values")
-        known = {f.name for f in dataclasses.fields(command.options)}
-        config_ours, config_rest = yaml_to_argv(config, known)
-        argv = argv[:i] + argv[i + 2 :]
-    if command.training:
-        namespace, leftover = parser.parse_known_args(config_ours + argv)
-    else:
-        namespace, leftover = parser.parse_args(argv), []
-    options = options_from_namespace(command.options, namespace)
-    if command.training:
-        out = getattr(options, "out", None) or "zhllama-output"
-        training_args = _training_arguments(command, leftover, config_rest, str(out))
-        return command.run(options, training_args)
-    return command.run(options)
+    command = load_command(name)
+    options, training = parse_command(f"zhllama {name}", command, argv)
+    if isinstance(options, OutputArgs) and is_main_process():
+        check_output_target(options.out, options.overwrite)
+    result = command.run(options, training) if command.training else command.run(options)
+    summary = getattr(result, "summary", None)
+    if callable(summary) and is_main_process():
+        print(summary(), flush=True)
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

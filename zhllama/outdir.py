@@ -5,18 +5,13 @@ sibling (``.NAME.tmp-HOST-PID``) that is renamed to ``NAME`` only when the comma
 an interrupted or failed run never leaves a directory that looks finished. A run killed outright
 (``kill -9``, a lost node) cannot clean up after itself; the next command writing the same
 output does it (:func:`clean_stale_siblings`): it removes the dead run's temporary sibling and,
-if the kill fell between the two renames of an ``--overwrite``, puts the previous results back. Each directory gets a
-``zhllama.json`` manifest (:func:`write_manifest`): the command, its resolved options, the
-inputs with content hashes, library versions and the key figures. Later stages read it back
-with :func:`read_manifest` instead of asking the user again.
+if the kill fell between the two renames of an ``--overwrite``, puts the previous results back.
+What each directory says about itself (``zhllama.json``) is :mod:`zhllama.provenance`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -25,112 +20,10 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Iterator
 
 from zhllama.errors import ZhllamaError
-
-MANIFEST = "zhllama.json"
-_VERSIONED = ("zhllama", "torch", "transformers", "tokenizers", "peft", "accelerate", "datasets", "sentencepiece", "safetensors")
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            while block := fh.read(chunk):
-                digest.update(block)
-    except OSError as e:
-        raise ZhllamaError(f"{path}: cannot read: {e.strerror or e}") from e
-    return digest.hexdigest()
-
-
-def describe_input(path: str | Path) -> dict:
-    """A manifest entry for one input: path, size and hash (a directory: each file in it)."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        return {
-            "path": str(path.resolve()),
-            "files": {str(p.relative_to(path)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files},
-        }
-    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries whose behaviour our outputs depend on."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"python": sys.version.split()[0]}
-    for name in _VERSIONED:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return found
-
-
-def _jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
-def write_manifest(
-    directory: str | Path,
-    *,
-    command: str,
-    options: Any = None,
-    inputs: Mapping[str, Any] | None = None,
-    figures: Mapping[str, Any] | None = None,
-    **extra: Any,
-) -> dict:
-    """Write ``zhllama.json`` into ``directory`` and return what was written.
-
-    ``inputs`` maps a role ("corpus", "base_tokenizer", ...) to a path, a list of paths, or an
-    already-built description; paths are described with :func:`describe_input`.
-    """
-
-    def describe(value: Any) -> Any:
-        if isinstance(value, (str, Path)) and Path(value).exists():
-            return describe_input(value)
-        if isinstance(value, (list, tuple)):
-            return [describe(v) for v in value]
-        return _jsonable(value)
-
-    manifest = {
-        "command": command,
-        "argv": sys.argv[1:] if Path(sys.argv[0]).name in ("zhllama", "__main__.py") else None,
-        "options": _jsonable(options) if options is not None else {},
-        "inputs": {role: describe(value) for role, value in (inputs or {}).items()},
-        "figures": _jsonable(figures or {}),
-        "versions": library_versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **{k: _jsonable(v) for k, v in extra.items()},
-    }
-    with open(Path(directory) / MANIFEST, "w", encoding="utf-8") as fh:
-        json.dump(manifest, fh, ensure_ascii=False, indent=2)
-        fh.write("\n")
-    return manifest
-
-
-def read_manifest(directory: str | Path) -> dict | None:
-    """The ``zhllama.json`` of a directory, or None when it has none (e.g. a hub checkpoint)."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ZhllamaError(f"{path}: unreadable manifest ({e}); was this directory written by zhllama?") from e
+from zhllama.provenance import describe_input, file_sha256, library_versions, read_manifest, write_manifest  # noqa: F401  (moved)
 
 
 def _host() -> str:

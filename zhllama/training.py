@@ -37,7 +37,8 @@ The API:
   scheduler and RNG state) and are removed once the run has succeeded.
 - :func:`training_output_dir` is ``atomic_output_dir`` for the main process; under ``accelerate
   launch`` the other processes get a scratch directory.
-- :data:`TRAINING_DEFAULTS`: LLaMA's AdamW and schedule settings, for ``Command(training_defaults=...)``.
+- :data:`TRAINING_DEFAULTS`: LLaMA's AdamW and schedule settings; :func:`build_training_arguments`
+  builds a stage's ``TrainingArguments`` from them and the user's values, for the CLI and Python alike.
 - A non-finite loss stops training at once with a :class:`ZhllamaError` naming the step and the
   last good checkpoint.
 """
@@ -89,6 +90,45 @@ TRAINING_DEFAULTS = {
 
 TrainEmbeddings = Literal["new", "all", "none"]
 EMBEDDING_CHOICES = ("new", "all", "none")
+
+
+def explicit_training_values(training_args) -> dict:
+    """The fields of a ``TrainingArguments`` that differ from transformers' own defaults.
+
+    A Python caller who builds ``TrainingArguments(learning_rate=1e-4, ...)`` meant those
+    values, not transformers' defaults for everything else; a value set equal to
+    transformers' default cannot be told apart (pass a dict to be exact).
+    """
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    pristine = TrainingArguments(output_dir=training_args.output_dir)
+    return {
+        f.name: getattr(training_args, f.name)
+        for f in dataclasses.fields(TrainingArguments)
+        if f.init and f.name != "output_dir" and getattr(training_args, f.name) != getattr(pristine, f.name)
+    }
+
+
+def build_training_arguments(out: str | Path, given=None, defaults: dict | None = None):
+    """The one place a stage's ``TrainingArguments`` is built: the stage's defaults
+    (:data:`TRAINING_DEFAULTS` unless ``defaults`` says otherwise), then the user's values.
+
+    ``given`` is what the user chose: a dict of TrainingArguments fields (the CLI passes the
+    flags and ``--config`` entries it saw), a ``TrainingArguments`` (its non-default fields are
+    taken) or None. Checkpoints always go to :func:`checkpoint_dir_for` ``(out)``.
+    """
+    from transformers import TrainingArguments
+
+    if isinstance(given, TrainingArguments):
+        given = explicit_training_values(given)
+    values = {**(TRAINING_DEFAULTS if defaults is None else defaults), **(given or {})}
+    values["output_dir"] = str(checkpoint_dir_for(out))
+    try:
+        return TrainingArguments(**values)
+    except (TypeError, ValueError) as e:
+        raise ZhllamaError(f"bad training arguments: {' '.join(str(e).split())[:300]}") from e
 
 
 def checkpoint_dir_for(out: str | Path) -> Path:
@@ -382,7 +422,6 @@ def train(
     """
     out_dir, checkpoint_dir = Path(out_dir), Path(checkpoint_dir)
     resume = resolve_resume(training_args.resume_from_checkpoint, checkpoint_dir)
-    training_args.output_dir = str(checkpoint_dir)
     if training_args.gradient_checkpointing:
         # with frozen embeddings nothing before the first checkpointed layer needs a gradient,
         # and re-entrant checkpointing would then drop the gradients of the layers themselves

@@ -27,7 +27,8 @@ from pathlib import Path
 from zhllama.chain import TOKENIZER_FILES
 from zhllama.errors import ZhllamaError
 from zhllama.options import Command, at_least, check, option
-from zhllama.outdir import check_output_target, copy_files, read_manifest, write_manifest
+from zhllama.outdir import check_output_target, copy_files
+from zhllama.provenance import read_manifest, write_manifest
 
 # The tiny default: sizes picked so the whole demo takes about a minute on two CPU cores.
 CHINESE_LINES = 3000  # vocab training and continued pretraining corpus
@@ -147,11 +148,11 @@ def write_demo_data(data_dir: Path, seed: int = 0) -> dict[str, Path]:
     """The demo's corpora and instructions, generated offline.
 
     The Chinese corpus is sentences of jieba's frequent words plus, a few times each, the
-    questions and answers of :data:`zhllama.tiny.CHINESE_FACTS` (real corpora carry the
+    questions and answers of :data:`zhllama.demo.tiny.CHINESE_FACTS` (real corpora carry the
     knowledge SFT later asks for); the instructions ask those questions, so the tiny model's
     chat answer is a sentence it has learnt rather than noise.
     """
-    from zhllama import tiny
+    from zhllama.demo import tiny
 
     facts = [question + answer for question, answer in tiny.CHINESE_FACTS] * FACT_REPEATS
     corpus = tiny.chinese_sentences(CHINESE_LINES, seed=seed + 1) + facts
@@ -166,7 +167,7 @@ def write_demo_data(data_dir: Path, seed: int = 0) -> dict[str, Path]:
 def write_tiny_base(model_dir: Path, seed: int = 0) -> list[float]:
     """A tiny LLaMA-style tokenizer and model, briefly pretrained on mixed English/Chinese text
     (Chinese reaches it through byte fallback, as with LLaMA). Returns the pretraining losses."""
-    from zhllama import tiny
+    from zhllama.demo import tiny
 
     if model_dir.exists():  # an earlier demo's base; may hold links to a user's model files
         shutil.rmtree(model_dir)
