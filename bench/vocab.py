@@ -132,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     llama_sp = load_sp_model(llama_model)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        ours, report = merge_tokenizers(
+        report = merge_tokenizers(
             MergeOptions(base=llama_model, add=[args.assets / "tokenizers/chinese-llama/chinese_sp.model"], out=work / "ours")
         )
+        ours = report.out
         for name, model in (("llama", llama_model), ("chinese-llama", args.assets / "tokenizers/chinese-llama/chinese_llama_49953.model")):
             save_hf_tokenizer(model, work / name)
         rows = [

@@ -30,7 +30,8 @@ def zh_model(tmp_path_factory, chinese_corpus) -> Path:
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory, base_tokenizer_dir, zh_model) -> tuple[Path, object]:
     out = tmp_path_factory.mktemp("merged") / "tok"
-    return merge_tokenizers(MergeOptions(base=base_tokenizer_dir, add=[zh_model], out=out))
+    report = merge_tokenizers(MergeOptions(base=base_tokenizer_dir, add=[zh_model], out=out))
+    return report.out, report
 
 
 def test_base_pieces_and_specs_byte_identical(merged, base_tokenizer_dir):
@@ -99,11 +100,12 @@ def test_chinese_gets_shorter_and_hf_agrees(merged, base_tokenizer_dir):
 def test_words_and_all_pieces(tmp_path, base_tokenizer_dir, zh_model):
     words = tmp_path / "words.txt"
     words.write_text("人工智能\n深度学习模型\nhello world\n\n", encoding="utf-8")
-    out, report = merge_tokenizers(MergeOptions(base=base_tokenizer_dir, add=[zh_model], words=[words], out=tmp_path / "w"))
+    report = merge_tokenizers(MergeOptions(base=base_tokenizer_dir, add=[zh_model], words=[words], out=tmp_path / "w"))
+    out = report.out
     pieces = {p.piece for p in load_sp_proto(out).pieces}
     assert {"人工智能", "深度学习模型"} <= pieces and "hello\u2581world" not in pieces
     assert isolated_encodings(load_sp_proto(out), ["人工智能"]) == [["人工智能"]]
-    _, everything = merge_tokenizers(MergeOptions(base=base_tokenizer_dir, add=[zh_model], out=tmp_path / "all", all_pieces=True))
+    everything = merge_tokenizers(MergeOptions(base=base_tokenizer_dir, add=[zh_model], out=tmp_path / "all", all_pieces=True))
     assert everything.non_cjk_skipped == 0 and report.non_cjk_skipped >= 1
 
 
@@ -111,7 +113,8 @@ def test_missing_intermediates_are_added(tmp_path, base_tokenizer_dir):
     # a unigram model holds long pieces whose halves are not pieces; BPE needs them
     lines = tiny.chinese_sentences(1500, seed=8, top_words=300)
     unigram = write_model(tmp_path / "u.model", train_sp(lines, vocab_size=1500, model_type="unigram", byte_fallback=False))
-    out, report = merge_tokenizers(MergeOptions(base=base_tokenizer_dir, add=[unigram], out=tmp_path / "m"))
+    report = merge_tokenizers(MergeOptions(base=base_tokenizer_dir, add=[unigram], out=tmp_path / "m"))
+    out = report.out
     assert report.intermediates_added > 0
     proto = load_sp_proto(out)
     added = [p.piece for p in proto.pieces[report.base_pieces :]]

@@ -48,9 +48,10 @@ def corpora(assets) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def merged(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "merged"
-    return merge_tokenizers(
+    report = merge_tokenizers(
         MergeOptions(base=assets / "tokenizers/llama/tokenizer.model", add=[assets / "tokenizers/chinese-llama/chinese_sp.model"], out=out)
     )
+    return report.out, report
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from zhllama.vocab import StatsOptions, format_table, load_sp_model, tokenizer_s
 def test_figures_follow_their_definitions(tmp_path, base_tokenizer_dir):
     lines = tiny.chinese_sentences(50, seed=1) + ["emoji 🦙🦙 and 12345", "  indented   text"]
     corpus = tiny.write_lines(tmp_path / "c.txt", lines)
-    (result,) = tokenizer_stats(StatsOptions(corpus=[str(corpus)], tokenizer=[base_tokenizer_dir], json=tmp_path / "s.json"))
+    (result,) = tokenizer_stats(StatsOptions(corpus=[str(corpus)], tokenizer=[base_tokenizer_dir], json=tmp_path / "s.json")).results
     sp = load_sp_model(base_tokenizer_dir)
     ids = sp.encode(lines)
     tokens = sum(map(len, ids))
@@ -34,7 +34,7 @@ def test_no_hf_column_without_tokenizer_json(tmp_path, base_tokenizer_dir):
     model = base_tokenizer_dir / "tokenizer.model"
     (tmp_path / "bare").mkdir()
     (tmp_path / "bare" / "tokenizer.model").write_bytes(model.read_bytes())
-    (result,) = tokenizer_stats(StatsOptions(corpus=[str(corpus)], tokenizer=[tmp_path / "bare"]))
+    (result,) = tokenizer_stats(StatsOptions(corpus=[str(corpus)], tokenizer=[tmp_path / "bare"])).results
     assert result.hf_disagreeing_lines is None and "no HF" in format_table([result])
 
 

@@ -16,7 +16,7 @@ from zhllama.vocab.train import SampleReport, reservoir_sample, split_long_line
 
 def _train(corpus, out: Path, **kwargs) -> Path:
     options = TrainOptions(corpus=[str(c) for c in corpus], out=out, **{"vocab_size": 1500, "threads": 2, **kwargs})
-    return train_sp_model(options)
+    return train_sp_model(options).out
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,7 @@ class MergeOptions(OutputArgs):
 
 @dataclass
 class MergeReport:
-    """Counts the merge reports in zhllama.json (and returns to Python callers)."""
+    """What ``zhllama vocab merge`` did: the counts in zhllama.json, and where it wrote."""
 
     base_pieces: int = 0
     merged_pieces: int = 0
@@ -85,6 +85,14 @@ class MergeReport:
     unreachable_dropped: int = 0
     base_pieces_changed: int = 0
     dropped_examples: list[str] = field(default_factory=list)
+    out: Path | None = None
+
+    def summary(self) -> str:
+        return (
+            f"wrote {self.out}: {self.base_pieces:,} + {self.added:,} = {self.merged_pieces:,} pieces "
+            f"({self.intermediates_added} intermediates, {self.duplicates_skipped} duplicates and "
+            f"{self.non_cjk_skipped} non-CJK pieces skipped, {self.unreachable_dropped} unreachable dropped)"
+        )
 
 
 def read_words(path: Path) -> list[str]:
@@ -259,8 +267,8 @@ def merge_sp_models(
     return merged, report
 
 
-def merge_tokenizers(options: MergeOptions) -> tuple[Path, MergeReport]:
-    """Merge SentencePiece models (and words) into a base tokenizer; write a tokenizer dir.
+def merge_tokenizers(options: MergeOptions) -> MergeReport:
+    """Merge Chinese SentencePiece pieces into a base LLaMA tokenizer, keeping every base id.
 
     Writes ``tokenizer.model``, ``tokenizer.json``, ``tokenizer_config.json``,
     ``special_tokens_map.json`` and ``zhllama.json`` into ``options.out`` atomically.
@@ -280,7 +288,8 @@ def merge_tokenizers(options: MergeOptions) -> tuple[Path, MergeReport]:
             command="vocab merge",
             options=options,
             inputs={"base": options.base, "add": list(options.add), "words": list(options.words)},
-            figures={**report.__dict__, "seconds": round(time.time() - started, 2)},
+            figures={**{k: v for k, v in report.__dict__.items() if k != "out"}, "seconds": round(time.time() - started, 2)},
             vocab_size=len(merged.pieces),
         )
-    return Path(options.out), report
+    report.out = Path(options.out)
+    return report

@@ -125,10 +125,21 @@ def measure(tokenizer_path: str | Path, corpus_name: str, lines: list[str], *, h
     )
 
 
-def tokenizer_stats(options: StatsOptions) -> list[TokenizerStats]:
-    """Compare tokenizers on corpora: one :class:`TokenizerStats` per tokenizer × corpus.
+@dataclass
+class StatsResult:
+    """One :class:`TokenizerStats` per tokenizer × corpus, and the JSON file written (if any)."""
 
-    Prints nothing; see :func:`format_table`. Writes ``options.json`` when set.
+    results: list[TokenizerStats]
+    json: Path | None = None
+
+    def summary(self) -> str:
+        return format_table(self.results) + (f"\nwrote {self.json}" if self.json is not None else "")
+
+
+def tokenizer_stats(options: StatsOptions) -> StatsResult:
+    """Compare tokenizers on corpora: tokens per character, byte fallback, HF/SentencePiece parity.
+
+    Writes ``options.json`` when set.
     """
     for path in options.tokenizer:
         resolve_sp_model_path(path)  # fail on a bad tokenizer before reading corpora
@@ -142,7 +153,7 @@ def tokenizer_stats(options: StatsOptions) -> list[TokenizerStats]:
             results.append(measure(path, str(spec), lines, hf_tokenizer=hf[str(path)]))
     if options.json is not None:
         write_stats_json(results, options.json)
-    return results
+    return StatsResult(results, options.json)
 
 
 def write_stats_json(results: Sequence[TokenizerStats], path: str | Path) -> None:

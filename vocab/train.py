@@ -213,10 +213,27 @@ def write_vocab_file(model_bytes: bytes, path: Path) -> int:
     return processor.get_piece_size()
 
 
-def train_sp_model(options: TrainOptions) -> Path:
-    """Train a Chinese SentencePiece model on a corpus; return the output directory.
+@dataclass
+class TrainResult:
+    """What ``zhllama vocab train`` wrote."""
 
-    Writes ``chinese_sp.model``, ``chinese_sp.vocab`` and ``zhllama.json`` (inputs with hashes,
+    out: Path
+    pieces: int
+    lines_used: int
+
+    @property
+    def model_file(self) -> Path:
+        return self.out / MODEL_FILE
+
+    def summary(self) -> str:
+        return f"wrote {self.model_file}: {self.pieces:,} pieces trained on {self.lines_used:,} lines"
+
+
+def train_sp_model(options: TrainOptions) -> TrainResult:
+    """Train a Chinese SentencePiece model (chinese_sp.model) on a corpus.
+
+    Identity normalisation and no byte fallback, so its pieces merge cleanly into a LLaMA
+    tokenizer with `zhllama vocab merge`. Writes ``chinese_sp.model``, ``chinese_sp.vocab`` and ``zhllama.json`` (inputs with hashes,
     settings, line counts, skipped non-UTF-8 lines, time) into ``options.out``, atomically.
     """
     started = time.time()
@@ -247,4 +264,4 @@ def train_sp_model(options: TrainOptions) -> Path:
                 "seconds": round(time.time() - started, 2),
             },
         )
-    return Path(options.out)
+    return TrainResult(Path(options.out), pieces, sample_report.lines_kept)
