@@ -35,8 +35,9 @@ from zhllama.chain import DTYPES
 from zhllama.corpus import DOC_SEPARATORS
 from zhllama.options import at_least, check, option
 
-# LLaMA's attention and MLP projections: LoRA's default target (all linear layers but the LM head)
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# peft's name for every linear layer but the output layer: on LLaMA the attention and MLP
+# projections q, k, v, o, gate, up and down
+ALL_LINEAR = "all-linear"
 
 
 def _path_kind(tp: typing.Any) -> str | None:
@@ -121,7 +122,9 @@ class LoraArgs(Options):
     # alpha = 2r: the scale Chinese-LLaMA-Alpaca and most LoRA recipes use
     lora_alpha: int = option(16, help="LoRA scaling numerator (scale = alpha / r)")
     lora_dropout: float = option(0.05, help="LoRA dropout")
-    lora_target: list[str] = option(default_factory=lambda: list(ALL_LINEAR), help="module names LoRA wraps")
+    lora_target: list[str] = option(
+        default_factory=lambda: [ALL_LINEAR], help="module names LoRA wraps, or all-linear: every linear layer but the LM head"
+    )
 
     def problems(self) -> list[str]:
         found: list[str] = []

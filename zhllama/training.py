@@ -16,7 +16,7 @@ A training command reads top to bottom::
 
 The API:
 
-- :class:`LoraSettings` (r, alpha, dropout, target) and :data:`ALL_LINEAR` (LLaMA's attention and
+- :class:`LoraSettings` (r, alpha, dropout, target) and :data:`ALL_LINEAR` (peft's ``all-linear``: LLaMA's attention and
   MLP projections, the default target).
 - :func:`build_peft_model` wraps a model with peft for one stage. ``lora=None`` gives stage 1:
   only embedding rows train (peft ``TrainableTokensConfig``). With ``lora`` it is stage 2 / SFT:
@@ -196,7 +196,8 @@ def build_peft_model(
         config = TrainableTokensConfig(target_modules=embeddings, token_indices=token_ids)
     else:
         available = linear_module_names(model)
-        unknown = sorted(set(lora.target) - available)
+        target = ALL_LINEAR if list(lora.target) == [ALL_LINEAR] else list(lora.target)
+        unknown = [] if target == ALL_LINEAR else sorted(set(target) - available)
         if unknown:
             raise ZhllamaError(
                 f"unknown --lora-target {', '.join(unknown)}; this model's linear layers are {', '.join(sorted(available))}"
@@ -205,7 +206,7 @@ def build_peft_model(
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=list(lora.target),
+            target_modules=target,
             trainable_token_indices={name: token_ids for name in embeddings} if token_ids else None,
             task_type="CAUSAL_LM",
         )
