@@ -94,7 +94,7 @@ class BenchmarkResult:
     def table(self) -> str:
         title = f"{self.kind} ({self.shots}-shot{', template ' + self.template if self.template else ''})"
         width = max([len(title), *(len(s.subject) for s in self.subjects)]) + 2
-        lines = [f"{title.ljust(width)}{'subjects':>9}{'questions':>10}{'micro acc':>10}{'macro acc':>10}{'shots dropped':>14}"]
+        lines = [f"{title.ljust(width)}{'subjects':>9}{'questions':>10}{'micro acc':>10}{'macro acc':>10}{'fewer shots':>12}"]
         rows = [Group(s.subject, 1, s.questions, s.accuracy, s.accuracy, s.shots_dropped) for s in self.subjects]
         for group in [*rows, None, *self.categories(), self.overall]:
             if group is None:
@@ -102,7 +102,7 @@ class BenchmarkResult:
                 continue
             lines.append(
                 f"{group.name.ljust(width)}{group.subjects:>9}{group.questions:>10}{group.micro:>10.4f}"
-                f"{group.macro:>10.4f}{group.shots_dropped:>14}"
+                f"{group.macro:>10.4f}{group.shots_dropped:>12}"
             )
         return "\n".join(lines)
 
