@@ -223,7 +223,7 @@ def plot_report(report: ReportResult, path: Path) -> None:
         for marker, (name, points) in zip("osd^v", stage.validation_losses.items()):
             steps, losses = zip(*points)
             loss_ax.plot([offset + s for s in steps], losses, marker + "--", color=line.get_color(), label=f"{stage.name} {name}")
-        offset += max(step for step, _ in stage.losses)
+        offset += max(step for points in [stage.losses, *stage.validation_losses.values()] for step, _ in points)
         loss_ax.axvline(offset, color="grey", alpha=0.3)
     loss_ax.set_xlabel("step (stages one after another)")
     loss_ax.set_ylabel("loss (nats per token)")
