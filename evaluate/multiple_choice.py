@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from zhllama.evaluate.benchmarks import LETTERS, Subject
 from zhllama.evaluate.prompts import STYLES, build_prompt, format_shot
-from zhllama.evaluate.scoring import encode_pair, loglikelihoods
+from zhllama.evaluate.scoring import encode_pair, harness_loglikelihoods, loglikelihoods
 
 
 @dataclass
@@ -61,6 +61,7 @@ class BenchmarkResult:
     template: str | None
     subjects: list[SubjectScore]
     predictions: list[Prediction] = field(default_factory=list)
+    scorer: str = "zhllama"  # or lm-evaluation-harness (--harness)
 
     def group(self, name: str, members: list[SubjectScore]) -> Group:
         questions = sum(s.questions for s in members)
@@ -86,6 +87,7 @@ class BenchmarkResult:
             "benchmark": self.kind,
             "shots": self.shots,
             "template": self.template,
+            "scorer": self.scorer,
             "overall": asdict(self.overall),
             "categories": {g.name: asdict(g) for g in self.categories()},
             "subjects": {s.subject: {**asdict(s), "accuracy": s.accuracy} for s in self.subjects},
@@ -108,9 +110,19 @@ class BenchmarkResult:
 
 
 def run_benchmark(
-    model, tokenizer, subjects: list[Subject], *, kind: str, shots: int, max_length: int, batch_size: int, template=None
+    model,
+    tokenizer,
+    subjects: list[Subject],
+    *,
+    kind: str,
+    shots: int,
+    max_length: int,
+    batch_size: int,
+    template=None,
+    harness: bool = False,
 ) -> BenchmarkResult:
-    """Predict every scored question of ``subjects`` and count the correct ones."""
+    """Predict every scored question of ``subjects`` and count the correct ones; ``harness``
+    has lm-evaluation-harness compute the log-likelihoods of the same prompts."""
     style = STYLES[kind]
 
     def token_count(text: str) -> int:
@@ -129,10 +141,14 @@ def run_benchmark(
             prompt = build_prompt(style, subject.name, question, shot_texts, shot_tokens, fits=fits, template=template)
             score.shots_dropped += prompt.shots < len(shot_texts)
             score.truncated += prompt.shots == 0 and not fits(prompt.context, prompt.continuations)
-            requests += [encode_pair(tokenizer, prompt.context, prompt.continuations[letter]) for letter in LETTERS]
+            requests += [(prompt.context, prompt.continuations[letter]) for letter in LETTERS]
             asked.append((score, index, question, prompt.shots))
         scores.append(score)
-    values = loglikelihoods(model, requests, max_length=max_length, batch_size=batch_size, desc=kind)
+    if harness:
+        values = harness_loglikelihoods(model, tokenizer, requests, max_length=max_length, batch_size=batch_size)
+    else:
+        encoded = [encode_pair(tokenizer, context, continuation) for context, continuation in requests]
+        values = loglikelihoods(model, encoded, max_length=max_length, batch_size=batch_size, desc=kind)
     predictions = []
     for number, (score, index, question, kept) in enumerate(asked):
         logprobs = dict(zip(LETTERS, values[4 * number : 4 * number + 4]))
@@ -140,4 +156,4 @@ def run_benchmark(
         score.questions += 1
         score.correct += predicted == question.answer
         predictions.append(Prediction(score.subject, index, question.answer, predicted, logprobs, kept))
-    return BenchmarkResult(kind, shots, getattr(template, "name", None), scores, predictions)
+    return BenchmarkResult(kind, shots, getattr(template, "name", None), scores, predictions, "lm-evaluation-harness" if harness else "zhllama")

@@ -33,6 +33,7 @@ class MeasureArgs(CorpusArgs):
     block_size: int = option(512, help="tokens per corpus scoring window (at most the model's context)")
     max_length: int | None = option(None, help="longest benchmark input in tokens; longer prompts drop shots (default: the model's context)")
     batch_size: int = option(8, help="sequences per forward pass")
+    harness: bool = option(False, help="benchmark log-likelihoods computed by lm-evaluation-harness (pip install lm-eval==0.4.13), same prompts")
     max_documents: int | None = option(None, help="score only the first N documents of each corpus")
     device: str = option("auto", help="device for the forward passes: auto (cuda when available), cpu, cuda, cuda:1, ...")
 
@@ -42,6 +43,8 @@ class MeasureArgs(CorpusArgs):
             found.append(f"--benchmark {self.benchmark} needs --benchmark-dir DIR (the benchmark's files)")
         if self.benchmark_dir is not None and not self.benchmark:
             found.append(f"--benchmark-dir needs --benchmark ({'|'.join(KINDS)})")
+        if self.harness and not self.benchmark:
+            found.append("--harness scores benchmark questions; add --benchmark KIND --benchmark-dir DIR")
         if self.with_template is not None:
             from zhllama.sft.templates import TEMPLATES
 
@@ -152,6 +155,7 @@ def measure(chain, options: MeasureArgs, subjects: list) -> EvalResult:
             max_length=options.max_length or context or 2048,
             batch_size=options.batch_size,
             template=get_template(options.with_template) if options.with_template else None,
+            harness=options.harness,
         )
     return EvalResult(chain.describe(), options.block_size, corpora, benchmark)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from zhllama.errors import ZhllamaError
+
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(``<s>`` + context tokens, continuation tokens) of one request."""
@@ -67,3 +69,18 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], *, max_le
                 scores[number] += value
             bar.update(sum(len(by_input[ids]) for ids in batch))
     return scores
+
+
+def harness_loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, max_length: int, batch_size: int) -> list[float]:
+    """The same log-likelihoods computed by lm-evaluation-harness's ``HFLM`` (``--harness``):
+    its own encoding of each (context, continuation) pair, with ``<s>`` first, and its own
+    batching and truncation."""
+    try:
+        from lm_eval.api.instance import Instance
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as e:
+        raise ZhllamaError("--harness needs lm-evaluation-harness: pip install 'lm-eval==0.4.13' (or zhllama[harness])") from e
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, add_bos_token=True)
+    instances = [Instance("loglikelihood", {}, pair, number) for number, pair in enumerate(requests)]
+    return [value for value, _ in lm.loglikelihood(instances)]

@@ -97,6 +97,7 @@ def test_eval_bad_input(tmp_path, tiny_model_dir, capsys):
         (["--data", f"={zh}"], "empty name before '='"),
         (["--data", f"zh={zh}", f"zh={zh}"], "'zh' is given twice"),
         ([], "give --data NAME=CORPUS and/or --benchmark"),
+        (["--data", zh, "--harness"], "--harness scores benchmark questions"),
     ]
     for argv, message in cases:
         run(["eval", "--model", tiny_model_dir, *argv, "--json", out], expect=1)
