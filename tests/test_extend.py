@@ -143,7 +143,7 @@ def test_logprob_head_starts_better_than_a_mean_head(tmp_path, base_tokenizer_di
         ("mean", extend(tmp_path / "mean-head", base, merged_dir, "subword-mean", "--head-init", "mean")),
     ):
         options = EvalOptions(model=model, data=[str(held_out)], block_size=64)
-        bits[name] = evaluate_chain(options)["corpora"][str(held_out)]["bits_per_character"]
+        bits[name] = evaluate_chain(options).corpora[str(held_out)]["bits_per_character"]
     assert bits["logprob"] < bits["mean"] - 0.1, bits
     assert bits["logprob"] < bits["base"] * 1.10, bits
 

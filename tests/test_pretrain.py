@@ -67,7 +67,7 @@ def stages(work) -> tuple[Path, Path]:
 
 def bits_per_char(work: Path, adapters: list[Path], model="extended") -> float:
     options = EvalOptions(model=work / model, adapter=adapters, data=[str(work / "held_out.txt")], block_size=64)
-    return evaluate_chain(options)["corpora"][str(work / "held_out.txt")]["bits_per_character"]
+    return evaluate_chain(options).corpora[str(work / "held_out.txt")]["bits_per_character"]
 
 
 def test_stage1_trains_and_saves_only_the_new_rows(work, stages):

@@ -26,11 +26,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "vocab stats": ("zhllama.vocab.cli", "stats", "compare tokenizers on corpora (tokens per character, parity)"),
     "extend": ("zhllama.pretrain.cli", "extend", "resize a model's embeddings to a merged tokenizer and initialise new rows"),
     "pretrain": ("zhllama.pretrain.cli", "pretrain", "continue pretraining: stage 1 (new rows) or stage 2 (LoRA + rows)"),
-    "eval": ("zhllama.pretrain.cli", "evaluate", "perplexity and bits per character of a model chain on corpora"),
+    "eval": ("zhllama.evaluate.cli", "evaluate", "bits per character/byte on named corpora; CMMLU, C-Eval, MMLU from local files"),
     "sft": ("zhllama.sft.cli", "sft", "instruction-tune a model chain with LoRA"),
     "chat": ("zhllama.sft.cli", "chat", "chat with (or complete text from) a model chain"),
     "merge": ("zhllama.merge.cli", "merge", "bake an adapter chain into one checkpoint, shard by shard"),
     "export gguf": ("zhllama.merge.cli", "export_gguf", "export a merged LLaMA checkpoint to GGUF for llama.cpp"),
+    "report": ("zhllama.evaluate.cli", "report", "one table (and report.png) across a run's stages, from their zhllama.json"),
     "demo": ("zhllama.demo.run", "demo", "run the whole pipeline on a built-in tiny default"),
 }
 
