@@ -229,7 +229,7 @@ def run_demo(options: DemoOptions) -> dict:
 
     torch.set_num_threads(options.threads)
     demo = Demo(options)
-    demo.total_steps = 12  # the demo.step / demo.command calls below
+    demo.total_steps = 13  # the demo.step / demo.command calls below
     start = time.perf_counter()
     data: dict[str, Path] = {}
     base_losses: list[float] = []
@@ -263,7 +263,8 @@ def run_demo(options: DemoOptions) -> dict:
 
 
 def run_pipeline(demo: Demo, data: dict[str, Path]) -> str:
-    """Steps 2..12: every pipeline command on the demo's data; returns the chat answer.
+    """Steps 2..13: every pipeline command on the demo's data, then the report across the
+    stages (WORKDIR/report.png); returns the chat answer.
 
     Learning rates are far above the recipes' LLaMA-7B values because the model is tiny and
     each stage has only ``--train-steps`` steps; everything else is the commands' defaults.
@@ -304,7 +305,11 @@ def run_pipeline(demo: Demo, data: dict[str, Path]) -> str:
     demo.command("merge --verify", ("merge", merge_argv), evaluate(merged, "merged"))
     # no repetition penalty: the answer's "。" also appears in the prompt and must not be penalised
     chat_argv = ["--model", merged, "--prompt", CHAT_PROMPT, "--max-new-tokens", 24, "--greedy", "--repetition-penalty", 1.0]
-    return demo.command("chat (merged model)", ("chat", chat_argv), capture=True).output.strip()
+    answer = demo.command("chat (merged model)", ("chat", chat_argv), capture=True).output.strip()
+    report_argv = [base, tokenizer, extended, stage1, stage2, sft, merged, "--eval", "--data", f"zh={data['heldout']}",
+                   "--block-size", BLOCK_SIZE, "--png", demo.path("report.png"), "--json", demo.path("report.json")]  # fmt: skip
+    demo.command("report (every stage side by side)", ("report", report_argv))
+    return answer
 
 
 # --------------------------------------------------------------------------- the summary
