@@ -170,7 +170,10 @@ def read_work_file(path: Path) -> WorkState:
             else:
                 state.kept.append(Task(str(record["instruction"]), str(record["input"]), str(record["output"])))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ZhllamaError(f"{path}:{number}: not a work-file line written by zhllama instruct ({e}); move the file away or pass --overwrite to start over") from e
+            raise ZhllamaError(
+                f"{path}:{number}: not a line written by zhllama instruct (a record with instruction, input and output, "
+                "or reply_counts); move the file away or pass --overwrite to start over"
+            ) from e
     return state
 
 

@@ -134,7 +134,7 @@ class StubServer:
                     stub.authorization.append(self.headers.get("Authorization"))
                     stub.paths.append(self.path)
                     stub.bodies.append(body)
-                if not self.path.endswith(("/chat/completions", "/completions")):
+                if self.path not in ("/v1/chat/completions", "/v1/completions"):
                     status, payload, kind = 404, b'{"error": {"message": "no such route"}}', "application/json"
                 else:
                     status, payload, kind = stub._answer(self.path, body)
