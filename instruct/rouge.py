@@ -9,13 +9,15 @@ one CJK character, or one lower-cased run of other letters and digits (an Englis
 punctuation and spaces are not tokens. ``unit="jieba"`` uses jieba's words instead of characters.
 
 :class:`SimilarityIndex` holds every kept instruction and answers "is this new one too close to
-any of them" with a bit-parallel LCS (one big-integer step per token of the new instruction,
-per instruction compared), skipping pairs whose lengths alone rule out the threshold.
+any of them": a bound from shared tokens rules out most of them at once, and a bit-parallel LCS
+(one big-integer step per token) scores the rest.
 """
 
 from __future__ import annotations
 
 import re
+from array import array
+from collections import Counter
 
 ROUGE_UNITS = ("char", "jieba")
 _CJK = "\u2e80-\u2fdf\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
@@ -68,29 +70,52 @@ def rouge_l(a: str | list[str], b: str | list[str], unit: str = "char") -> float
 
 
 class SimilarityIndex:
-    """The instructions kept so far, and the closest of them to a new one."""
+    """The instructions kept so far, and whether a new one comes too close to any of them.
+
+    An exact LCS against every kept instruction costs one big-integer step per token per pair.
+    Most pairs are ruled out first, all at once: the LCS is at most the number of tokens two
+    texts share (with multiplicity), so ``2 * shared / (m + n)`` bounds the score. ``shared`` is
+    summed for every kept instruction from an inverted index (token -> instructions holding it,
+    and how often) with numpy; only instructions whose bound reaches the threshold get the exact LCS.
+    """
 
     def __init__(self, unit: str = "char"):
         self.unit = unit
-        self._entries: list[tuple[dict[str, int], int]] = []
+        self._masks: list[dict[str, int]] = []
+        self._lengths = array("i")
+        self._postings: dict[str, tuple[array, array]] = {}
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._masks)
 
     def add(self, tokens: list[str]) -> None:
-        if tokens:
-            self._entries.append((_match_masks(tokens), len(tokens)))
+        if not tokens:
+            return
+        entry = len(self._masks)
+        self._masks.append(_match_masks(tokens))
+        self._lengths.append(len(tokens))
+        for token, count in Counter(tokens).items():
+            entries, counts = self._postings.setdefault(token, (array("i"), array("i")))
+            entries.append(entry)
+            counts.append(count)
 
     def reaches(self, tokens: list[str], threshold: float) -> float | None:
-        """The first ROUGE-L score >= ``threshold`` against a kept instruction, else None."""
+        """A ROUGE-L score >= ``threshold`` against some kept instruction, else None."""
+        import numpy as np
+
         n = len(tokens)
-        if not n:
+        if not n or not self._masks:
             return None
-        for masks, m in self._entries:
-            # the LCS is at most the shorter length: skip pairs that cannot reach the threshold
-            if 2 * min(m, n) < threshold * (m + n):
-                continue
-            score = 2 * _lcs_length(masks, m, tokens) / (m + n)
+        shared = np.zeros(len(self._masks), dtype=np.intc)
+        for token, count in Counter(tokens).items():
+            if token in self._postings:
+                entries, counts = self._postings[token]
+                # views of the arrays, not copies; each entry appears once per token, so += is exact
+                shared[np.frombuffer(entries, dtype=np.intc)] += np.minimum(np.frombuffer(counts, dtype=np.intc), count)
+        lengths = np.frombuffer(self._lengths, dtype=np.intc)
+        for i in np.flatnonzero(2 * shared >= threshold * (lengths + n) - 1e-9):
+            m = int(lengths[i])
+            score = 2 * _lcs_length(self._masks[i], m, tokens) / (m + n)
             if score >= threshold:
                 return score
         return None

@@ -84,6 +84,20 @@ def test_similarity_index_finds_the_near_duplicate_and_skips_what_lengths_rule_o
     assert index.reaches(rouge_tokens("写诗"), 0.7) is None
 
 
+def test_similarity_index_bound_never_hides_a_pair_that_reaches_the_threshold():
+    rng = random.Random(1)
+    texts = ["".join(rng.choice("春夏秋冬天地人和山水") for _ in range(rng.randint(1, 12))) for _ in range(300)]
+    index = SimilarityIndex()
+    for text in texts[:200]:
+        index.add(rouge_tokens(text))
+    for text in texts[200:]:
+        best = max(rouge_l(text, kept) for kept in texts[:200])
+        for threshold in (0.5, 0.7, 0.9):
+            found = index.reaches(rouge_tokens(text), threshold)
+            assert (found is not None) == (best >= threshold)
+            assert found is None or found >= threshold
+
+
 # ---------------------------------------------------------------------------- parsing
 
 TASKS = [{"instruction": "列举三种水果", "input": "", "output": "苹果、香蕉、橙子"}, {"instruction": "翻译", "input": "你好", "output": "Hello"}]
