@@ -328,7 +328,8 @@ def _write_outputs(options: InstructOptions, state: WorkState, manifest_path: Pa
 
 
 def generate_instructions(options: InstructOptions) -> InstructResult:
-    """Generate ``options.num_instructions`` new instruction records from seed tasks.
+    """Generate new instruction records (Alpaca JSON for 'zhllama sft') from seed tasks, with an
+    OpenAI-compatible endpoint or a local model chain, as self-instruct and Stanford Alpaca did.
 
     See the module docstring for the loop and the files written. Raises :class:`ZhllamaError`
     for bad seeds, an endpoint that fails after its retries or answers non-JSON, a chain that

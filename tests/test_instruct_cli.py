@@ -4,7 +4,6 @@ and the records an earlier run kept still in the work file (docs/errors.md, "Ins
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -27,81 +26,82 @@ def api(url: str, out: Path, *extra: str) -> list[str]:
     return ["instruct", "--api-base", url, "--api-model", "m", "--out", str(out), "--num-instructions", "5", *FAST, *extra]
 
 
-def model_without_tokenizer(tmp: Path, tiny_model_dir: Path) -> Path:
+def model_without_tokenizer(tmp: Path) -> Path:
+    """A model directory with its config and weights file but no tokenizer (refused before loading)."""
     bare = tmp / "bare_model"
     bare.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(tiny_model_dir / name, bare / name)
+    write(bare / "config.json", json.dumps({"model_type": "llama"}))
+    (bare / "model.safetensors").write_bytes(b"")
     return bare
 
 
-# case id -> (argv builder(tmp, stub_url, request), the error line with TMP for the test directory)
+# case id -> (argv builder(tmp, stub_url), the error line with TMP for the test directory)
 CASES = {
     "seed-missing": (
-        lambda tmp, url, rq: api(url, tmp / "o.json", "--seed-tasks", str(tmp / "nowhere.jsonl")),
+        lambda tmp, url: api(url, tmp / "o.json", "--seed-tasks", str(tmp / "nowhere.jsonl")),
         "TMP/nowhere.jsonl: no such seed-task file (give --seed-tasks a seed_tasks.jsonl or Alpaca JSON file)",
     ),
     "seed-malformed-json": (
-        lambda tmp, url, rq: api(url, tmp / "o.json", "--seed-tasks", str(write(tmp / "s.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "c", \n'))),
+        lambda tmp, url: api(url, tmp / "o.json", "--seed-tasks", str(write(tmp / "s.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "c", \n'))),
         "TMP/s.jsonl:2: malformed JSON: Expecting property name enclosed in double quotes (column 22)",
     ),
     "seed-without-output": (
-        lambda tmp, url, rq: api(url, tmp / "o.json", "--seed-tasks", str(write(tmp / "s.jsonl", '{"instruction": "a", "instances": [{"input": ""}]}\n'))),
+        lambda tmp, url: api(url, tmp / "o.json", "--seed-tasks", str(write(tmp / "s.jsonl", '{"instruction": "a", "instances": [{"input": ""}]}\n'))),
         "TMP/s.jsonl:1: seed task field 'output' is missing, expected a string",
     ),
     "seed-empty": (
-        lambda tmp, url, rq: api(url, tmp / "o.json", "--seed-tasks", str(write(tmp / "s.jsonl", "\n"))),
+        lambda tmp, url: api(url, tmp / "o.json", "--seed-tasks", str(write(tmp / "s.jsonl", "\n"))),
         "TMP/s.jsonl: no seed tasks in the file",
     ),
     "num-instructions-zero": (
-        lambda tmp, url, rq: [*api(url, tmp / "o.json"), "--num-instructions", "0"],
+        lambda tmp, url: [*api(url, tmp / "o.json"), "--num-instructions", "0"],
         "--num-instructions must be at least 1, got 0",
     ),
     "num-instructions-negative": (
-        lambda tmp, url, rq: [*api(url, tmp / "o.json"), "--num-instructions", "-3"],
+        lambda tmp, url: [*api(url, tmp / "o.json"), "--num-instructions", "-3"],
         "--num-instructions must be at least 1, got -3",
     ),
     "no-generator": (
-        lambda tmp, url, rq: ["instruct", "--out", str(tmp / "o.json"), "--num-instructions", "5"],
+        lambda tmp, url: ["instruct", "--out", str(tmp / "o.json"), "--num-instructions", "5"],
         "give either --api-base URL --api-model NAME (an endpoint) or --model DIR (a local chain)",
     ),
     "api-base-not-url": (
-        lambda tmp, url, rq: api("localhost:8000/v1", tmp / "o.json"),
+        lambda tmp, url: api("localhost:8000/v1", tmp / "o.json"),
         "--api-base must be an http:// or https:// URL (got 'localhost:8000/v1')",
     ),
     "out-is-directory": (
-        lambda tmp, url, rq: api(url, tmp),
+        lambda tmp, url: api(url, tmp),
         "--out TMP is a directory; give a file name such as TMP/instructions.json",
     ),
     "out-exists": (
-        lambda tmp, url, rq: api(url, write(tmp / "o.json", "[]")),
+        lambda tmp, url: api(url, write(tmp / "o.json", "[]")),
         "TMP/o.json: output file exists (and no work file o.work.jsonl to continue); pass --overwrite to replace it",
     ),
     "work-file-corrupt": (
-        lambda tmp, url, rq: (write(tmp / "o.work.jsonl", json.dumps(KEPT) + "\n[1, 2]\n"), api(url, tmp / "o.json"))[1],
+        lambda tmp, url: (write(tmp / "o.work.jsonl", json.dumps(KEPT) + "\n[1, 2]\n"), api(url, tmp / "o.json"))[1],
         "TMP/o.work.jsonl:2: not a line written by zhllama instruct (a record with instruction, input and output, "
         "or reply_counts); move the file away or pass --overwrite to start over",
     ),
     "api-unreachable": (
-        lambda tmp, url, rq: api(f"http://127.0.0.1:{unused_port()}/v1", tmp / "o.json"),
+        lambda tmp, url: api(f"http://127.0.0.1:{unused_port()}/v1", tmp / "o.json"),
         "http://127.0.0.1:PORT/v1/chat/completions: cannot connect: Connection refused (after 3 attempts); "
         "check that the server is up and --api-base",
     ),
     "api-always-500": (
-        lambda tmp, url, rq: api(url, tmp / "o.json"),
+        lambda tmp, url: api(url, tmp / "o.json"),
         "URL/chat/completions: HTTP 500 Internal Server Error: internal error (after 3 attempts); check that the server is up and --api-base",
     ),
     "api-answers-html": (
-        lambda tmp, url, rq: api(url, tmp / "o.json"),
+        lambda tmp, url: api(url, tmp / "o.json"),
         "URL/chat/completions: the endpoint answered non-JSON ('<html><body>Welcome to nginx!</body></html>'); "
         "is --api-base an OpenAI-compatible base URL (usually ending in /v1)?",
     ),
     "api-wrong-route": (
-        lambda tmp, url, rq: api(url.removesuffix("/v1") + "/v2", tmp / "o.json"),
+        lambda tmp, url: api(url.removesuffix("/v1") + "/v2", tmp / "o.json"),
         "URL2/chat/completions: HTTP 404 Not Found: no such route; check --api-base and --api-model",
     ),
     "model-without-tokenizer": (
-        lambda tmp, url, rq: ["instruct", "--model", str(model_without_tokenizer(tmp, rq.getfixturevalue("tiny_model_dir"))),
+        lambda tmp, url: ["instruct", "--model", str(model_without_tokenizer(tmp)),
                               "--out", str(tmp / "o.json"), "--num-instructions", "5"],  # fmt: skip
         "TMP/bare_model: no tokenizer (tokenizer.json or tokenizer.model) in the model or its adapters",
     ),
@@ -112,14 +112,14 @@ AFTER_START = {"api-unreachable", "api-always-500", "api-answers-html", "api-wro
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_and_exit_1(case, tmp_path, capsys, request):
+def test_bad_input_is_one_line_and_exit_1(case, tmp_path, capsys):
     build, expected = CASES[case]
     out = tmp_path / "o.json"
     previous = json.dumps(KEPT, ensure_ascii=False) + "\n" + json.dumps(PREVIOUS_COUNTS) + "\n"
     if case in AFTER_START:
         write(work_file_for(out), previous)
     with StubServer(FAULTS.get(case, ())) as stub:
-        argv = build(tmp_path, stub.url, request)
+        argv = build(tmp_path, stub.url)
         code = main(argv)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("zhllama")]
