@@ -3,8 +3,8 @@
 :class:`StubServer` answers ``POST /v1/chat/completions`` and ``POST /v1/completions`` the way
 the real endpoints do (``choices[0].message.content`` / ``choices[0].text``), with replies that
 plant what the filters must catch. Requests are numbered in arrival order; the first
-``faults`` requests misbehave, one fault each (``""``: none): ``"500"`` (an HTTP 500), ``"timeout"`` (answers
-only after ``slow_s`` seconds), ``"429"``, ``"html"`` (a 200 with a non-JSON body). Content
+``faults`` requests misbehave, one fault each (``""``: none): ``"500"`` (an HTTP 500), ``"timeout"`` (silent for
+``slow_s`` seconds, then drops the connection), ``"429"``, ``"html"`` (a 200 with a non-JSON body). Content
 replies (numbered separately, from 0) follow :func:`planted_reply`.
 
 Every fresh instruction is built from its own run of CJK characters, so fresh instructions
@@ -95,7 +95,7 @@ class StubServer:
         self.fresh_count += 1
         return task
 
-    def _answer(self, path: str, body: dict) -> tuple[int, bytes, str]:
+    def _answer(self, path: str, body: dict) -> tuple[int, bytes, str] | None:
         with self.lock:
             number = self.requests
             self.requests += 1
@@ -109,9 +109,9 @@ class StubServer:
             return 429, json.dumps({"error": {"message": "rate limited"}}).encode(), "application/json"
         if fault == "html":
             return 200, b"<html><body>Welcome to nginx!</body></html>", "text/html"
-        if fault == "timeout":
+        if fault == "timeout":  # a hung server: silent for slow_s, then the connection drops
             time.sleep(self.slow_s)
-            return 200, b"{}", "application/json"
+            return None
         time.sleep(self.delay_s)
         choice = {"index": 0, "finish_reason": "stop"}
         if path.endswith("/chat/completions"):
@@ -137,7 +137,11 @@ class StubServer:
                 if self.path not in ("/v1/chat/completions", "/v1/completions"):
                     status, payload, kind = 404, b'{"error": {"message": "no such route"}}', "application/json"
                 else:
-                    status, payload, kind = stub._answer(self.path, body)
+                    answer = stub._answer(self.path, body)
+                    if answer is None:
+                        self.close_connection = True
+                        return
+                    status, payload, kind = answer
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", kind)
