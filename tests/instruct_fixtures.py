@@ -4,7 +4,7 @@
 the real endpoints do (``choices[0].message.content`` / ``choices[0].text``), with replies that
 plant what the filters must catch. Requests are numbered in arrival order; the first
 ``faults`` requests misbehave, one fault each (``""``: none): ``"500"`` (an HTTP 500), ``"timeout"`` (silent for
-``slow_s`` seconds, then drops the connection), ``"429"``, ``"html"`` (a 200 with a non-JSON body). Content
+``slow_s`` seconds, then drops the connection), ``"429"``, ``"401"`` (quoting the key back), ``"html"`` (a 200 with a non-JSON body). Content
 replies (numbered separately, from 0) follow :func:`planted_reply`.
 
 Every fresh instruction is built from its own run of CJK characters, so fresh instructions
@@ -107,6 +107,9 @@ class StubServer:
             return 500, json.dumps({"error": {"message": "internal error"}}).encode(), "application/json"
         if fault == "429":
             return 429, json.dumps({"error": {"message": "rate limited"}}).encode(), "application/json"
+        if fault == "401":  # as some servers do: the rejected key quoted back in the message
+            message = f"Incorrect API key provided: {self.authorization[-1]}"
+            return 401, json.dumps({"error": {"message": message}}).encode(), "application/json"
         if fault == "html":
             return 200, b"<html><body>Welcome to nginx!</body></html>", "text/html"
         if fault == "timeout":  # a hung server: silent for slow_s, then the connection drops

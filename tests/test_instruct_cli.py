@@ -96,6 +96,10 @@ CASES = {
         "URL/chat/completions: the endpoint answered non-JSON ('<html><body>Welcome to nginx!</body></html>'); "
         "is --api-base an OpenAI-compatible base URL (usually ending in /v1)?",
     ),
+    "api-key-rejected": (
+        lambda tmp, url: api(url, tmp / "o.json"),
+        "URL/chat/completions: HTTP 401 Unauthorized: Incorrect API key provided: Bearer ***; set $OPENAI_API_KEY",
+    ),
     "api-wrong-route": (
         lambda tmp, url: api(url.removesuffix("/v1") + "/v2", tmp / "o.json"),
         "URL2/chat/completions: HTTP 404 Not Found: no such route; check --api-base and --api-model",
@@ -106,13 +110,14 @@ CASES = {
         "TMP/bare_model: no tokenizer (tokenizer.json or tokenizer.model) in the model or its adapters",
     ),
 }
-FAULTS = {"api-always-500": ["500"] * 3, "api-answers-html": ["html"]}
+FAULTS = {"api-always-500": ["500"] * 3, "api-answers-html": ["html"], "api-key-rejected": ["401"]}
 # cases that reach the generator: an earlier run's work file must come out of them unchanged
-AFTER_START = {"api-unreachable", "api-always-500", "api-answers-html", "api-wrong-route", "model-without-tokenizer"}
+AFTER_START = {"api-unreachable", "api-always-500", "api-answers-html", "api-key-rejected", "api-wrong-route", "model-without-tokenizer"}
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_and_exit_1(case, tmp_path, capsys):
+def test_bad_input_is_one_line_and_exit_1(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key-never-shown")
     build, expected = CASES[case]
     out = tmp_path / "o.json"
     previous = json.dumps(KEPT, ensure_ascii=False) + "\n" + json.dumps(PREVIOUS_COUNTS) + "\n"
