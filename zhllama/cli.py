@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "extend": ("zhllama.pretrain.cli", "extend", "resize a model's embeddings to a merged tokenizer and initialise new rows"),
     "pretrain": ("zhllama.pretrain.cli", "pretrain", "continue pretraining: stage 1 (new rows) or stage 2 (LoRA + rows)"),
     "eval": ("zhllama.evaluate.cli", "evaluate", "bits per character/byte on named corpora; CMMLU, C-Eval, MMLU from local files"),
+    "instruct": ("zhllama.instruct.cli", "instruct", "generate instruction data from seed tasks (self-instruct / Alpaca)"),
     "sft": ("zhllama.sft.cli", "sft", "instruction-tune a model chain with LoRA"),
     "chat": ("zhllama.sft.cli", "chat", "chat with (or complete text from) a model chain"),
     "merge": ("zhllama.merge.cli", "merge", "bake an adapter chain into one checkpoint, shard by shard"),
