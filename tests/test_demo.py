@@ -144,7 +144,11 @@ def check_summary(figures: dict, work: Path) -> None:
     commands = (work / "commands.sh").read_text(encoding="utf-8").splitlines()
     assert [c.split()[1] for c in commands if c.startswith("zhllama ")] == [
         "vocab", "vocab", "vocab", "extend", "eval", "eval", "pretrain", "pretrain", "eval", "sft", "merge", "eval", "chat",
+        "report",
     ]  # fmt: skip
+    assert (work / "report.png").stat().st_size > 0
+    report = json.loads((work / "report.json").read_text(encoding="utf-8"))
+    assert len(report["stages"]) == 7
 
 
 @pytest.mark.slow
