@@ -130,5 +130,6 @@ class SourceCounter:
 
     def __call__(self, features: list[dict]):
         for feature in features:
-            self.counts[int(feature[SOURCE_COLUMN])] += 1
+            if SOURCE_COLUMN in feature:  # validation batches come through here too, untagged
+                self.counts[int(feature[SOURCE_COLUMN])] += 1
         return self.collator([{k: v for k, v in f.items() if k != SOURCE_COLUMN} for f in features])
