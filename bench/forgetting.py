@@ -15,7 +15,7 @@ half the zh-only run's loss of English, while Chinese keeps at least 80 % of the
 
 Run:  .venv/bin/python bench/forgetting.py [--steps 100] [--replay 0 0.1 0.25] [--workdir DIR]
 Needs ../shared/assets (stories260K, 红楼梦). The tokenizer, the extended model, the sampled
-English and the token blocks are cached in --workdir (default $ZHLLAMA_CACHE/bench-forgetting
+English, the token blocks and every stage's run (named by a hash of its command) are cached in --workdir (default $ZHLLAMA_CACHE/bench-forgetting
 or ~/.cache/zhllama/bench-forgetting), so a rerun only trains. Writes bench/out/forgetting.json
 and bench/out/forgetting.png.
 """
@@ -94,18 +94,22 @@ def prepare(work: Path, args) -> dict:
 
 
 def train_stage(work: Path, inputs: dict, stage: int, replay: float, args, adapter: Path | None) -> Path:
-    out = work / f"replay{round(replay * 100)}-stage{stage}"
+    """One stage's run, reused when the same command already ran (its directory is named by it)."""
     data = ["--data", inputs["zh_train"]]
     if replay:
         data += ["--data", inputs["en_replay"], "--data-weights", 1 - replay, replay]
-    zhllama(
+    argv = [
         "pretrain", "--stage", stage, "--model", inputs["extended"], *(["--adapter", adapter] if adapter else []), *data,
         "--validation-data", f"zh={inputs['zh_eval']}", "--validation-data", f"en={inputs['en_eval']}",
-        "--out", out, "--overwrite", "--block-size", args.block_size, "--cache-dir", work / "blocks",
+        "--block-size", args.block_size, "--cache-dir", work / "blocks",
         "--max-steps", args.steps, "--learning-rate", args.lr1 if stage == 1 else args.lr2, "--warmup-steps", 0,
-        "--per-device-train-batch-size", args.batch_size, "--eval-strategy", "steps", "--eval-steps", max(1, args.steps // 3),
+        "--per-device-train-batch-size", args.batch_size,
         "--logging-steps", max(1, args.steps // 10), "--save-strategy", "no", "--use-cpu", "--disable-tqdm", "true", "--seed", 0,
-    )  # fmt: skip
+    ]  # fmt: skip
+    digest = hashlib.sha256(" ".join(map(str, argv)).encode()).hexdigest()[:10]
+    out = work / f"replay{round(replay * 100)}-stage{stage}-{digest}"
+    if not (out / "zhllama.json").is_file():
+        zhllama(*argv, "--out", out, "--overwrite")
     return out
 
 
@@ -119,10 +123,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="training steps per stage")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--lr1", type=float, default=2e-3, help="stage-1 learning rate")
-    parser.add_argument("--lr2", type=float, default=1e-3, help="stage-2 learning rate")
+    parser.add_argument("--lr1", type=float, default=2e-2, help="stage-1 learning rate")
+    parser.add_argument("--lr2", type=float, default=2e-3, help="stage-2 learning rate")
     parser.add_argument("--zh-vocab", type=int, default=5000, help="pieces of the Chinese SentencePiece model (above the 4,157 distinct characters)")
-    parser.add_argument("--zh-eval", type=int, default=150, help="红楼梦 paragraphs held out (the last ones)")
+    parser.add_argument("--zh-eval", type=int, default=60, help="红楼梦 paragraphs held out (the last ones)")
     parser.add_argument("--en-replay", type=int, default=600, help="sampled English stories to replay")
     parser.add_argument("--en-eval", type=int, default=100, help="sampled English stories to evaluate on")
     parser.add_argument("--story-tokens", type=int, default=160, help="longest sampled story, in tokens")
@@ -177,18 +181,21 @@ def summarise(runs: dict[float, dict], args, inputs: dict) -> dict:
                 "en_share": shares.get(str(inputs["en_replay"]), {}).get("share", 0.0),
             })  # fmt: skip
     print(f"\nbits per character after each stage ({args.steps} steps of {args.batch_size} x {args.block_size} tokens per stage)")
-    print(f"{'English replay':>15}{'stage':>10}{'en share':>10}{'en bits/char':>14}{'vs extended':>13}{'zh bits/char':>14}{'zh gain':>9}{'of zh-only':>12}")
+    print(f"{'English replay':>15}{'stage':>10}{'en share':>10}{'en bits/char':>14}{'vs extended':>13}{'zh bits/char':>14}{'zh gain':>9}{'of zh-only':>12}{'zh vs zh-only':>15}")
     for row in rows:
         zh_gain = extended["zh"] - row["zh"]
         reference = None
         if zh_only and row["replay"] is not None:
             reference = extended["zh"] - zh_only[row["stage"]]["validation"]["zh"]["bits_per_char_after"]
         row["en_vs_extended"] = row["en"] / extended["en"] - 1
+        row["zh_vs_zh_only"] = row["zh"] / zh_only[row["stage"]]["validation"]["zh"]["bits_per_char_after"] - 1 if reference else None
         row["zh_gain_of_zh_only"] = zh_gain / reference if reference else None
         replay = "-" if row["replay"] is None else f"{row['replay']:.0%}"
         share = "-" if row["en_share"] is None else f"{row['en_share']:.1%}"
         kept = "-" if row["zh_gain_of_zh_only"] is None else f"{row['zh_gain_of_zh_only']:.0%}"
-        print(f"{replay:>15}{row['stage']:>10}{share:>10}{row['en']:>14.4f}{row['en_vs_extended']:>+13.1%}{row['zh']:>14.4f}{zh_gain:>9.3f}{kept:>12}")
+        versus = "-" if row["zh_vs_zh_only"] is None else f"{row['zh_vs_zh_only']:+.1%}"
+        print(f"{replay:>15}{row['stage']:>10}{share:>10}{row['en']:>14.4f}{row['en_vs_extended']:>+13.1%}{row['zh']:>14.4f}"
+              f"{zh_gain:>9.3f}{kept:>12}{versus:>15}")  # fmt: skip
     goals = {}
     if zh_only:
         zh_only_en_loss = zh_only["stage 2"]["validation"]["en"]["bits_per_char_after"] - extended["en"]
