@@ -5,14 +5,14 @@ The API, callable from a notebook:
 - :func:`extend_model` (:class:`ExtendOptions`): resize a model to a merged tokenizer, new rows
   initialised from the base pieces they split into.
 - :func:`build_blocks` / :func:`stream_blocks`: corpus → packed token blocks (cached Arrow).
-- :func:`pretrain_chain` (:class:`PretrainOptions`, ``TrainingArguments``): stage 1 or 2.
+- :func:`pretrain_chain` (:class:`PretrainOptions`, ``TrainingArguments``) -> :class:`PretrainResult`: stage 1 or 2.
 - :func:`evaluate_chain` (:class:`EvalOptions`) and :func:`score_texts`: perplexity and bits per character.
 """
 
 from zhllama.pretrain.data import build_blocks, collate_blocks, stream_blocks
 from zhllama.pretrain.evaluate import EvalOptions, evaluate_chain, score_texts
 from zhllama.pretrain.extend import ExtendOptions, extend_model
-from zhllama.pretrain.train import PretrainOptions, pretrain_chain
+from zhllama.pretrain.train import PretrainOptions, PretrainResult, pretrain_chain
 
 __all__ = [
     "ExtendOptions",
@@ -21,6 +21,7 @@ __all__ = [
     "stream_blocks",
     "collate_blocks",
     "PretrainOptions",
+    "PretrainResult",
     "pretrain_chain",
     "EvalOptions",
     "evaluate_chain",

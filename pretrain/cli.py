@@ -1,4 +1,4 @@
-"""``zhllama extend`` and ``zhllama pretrain``: flags mapped to the stage functions."""
+"""``zhllama extend`` and ``zhllama pretrain``: each command's options mapped to its function."""
 
 from zhllama.options import Command
 from zhllama.pretrain.extend import ExtendOptions, extend_model

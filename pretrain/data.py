@@ -11,6 +11,12 @@ place, so an interrupted build leaves nothing that looks complete.
 
 ``streaming=True`` tokenises and packs on the fly instead (corpora larger than the disk);
 nothing is cached and the Trainer needs ``--max-steps``.
+
+A build also counts the characters of the documents and the tokens of the framed stream
+(BOS and EOS included), so a validation loss in nats per token converts to bits per character:
+``loss / ln 2 * tokens / characters``. Several corpora (``--data zh/ --data en/
+--data-weights ...``) are built and cached one by one and mixed afterwards
+(:mod:`zhllama.mixing`), so changing a weight never rebuilds a corpus.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,10 +33,11 @@ from typing import Sequence
 from zhllama.chain import TOKENIZER_FILES
 from zhllama.corpus import find_corpus_files, iter_documents
 from zhllama.errors import ZhllamaError
-from zhllama.outdir import clean_stale_siblings, file_sha256, temporary_sibling
+from zhllama.outdir import clean_stale_siblings, temporary_sibling
+from zhllama.provenance import file_sha256
 
 # bump when the block format changes, so old caches are not reused
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 MAP_BATCH = 1000
 
 
@@ -58,6 +66,12 @@ class BlocksInfo:
     documents: int
     blocks: int
     tokens_in_blocks: int
+    characters: int  # of the documents
+    tokens: int  # of the framed documents (BOS + text + EOS), before cutting into blocks
+
+    @property
+    def tokens_per_character(self) -> float:
+        return self.tokens / max(self.characters, 1)
 
 
 def tokenizer_hash(tokenizer_dir: str | Path) -> str:
@@ -90,7 +104,7 @@ def _tokenize(batch: dict, tokenizer, bos_id: int | None, eos_id: int | None) ->
     head = [bos_id] if bos_id is not None else []
     tail = [eos_id] if eos_id is not None else []
     encoded = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-    return {"input_ids": [head + ids + tail for ids in encoded]}
+    return {"input_ids": [head + ids + tail for ids in encoded], "characters": [len(text) for text in batch["text"]]}
 
 
 def _pack(batch: dict, block_size: int) -> dict:
@@ -114,6 +128,16 @@ def _unwrap_generation_error(e: Exception) -> None:
         if isinstance(cause, ZhllamaError):
             raise cause from None
         cause = cause.__cause__ or cause.__context__
+
+
+def _column_sum(dataset, column: str) -> int:
+    """Sum of an int column, or of the lengths of a list column, without reading it into Python."""
+    import pyarrow.compute as pc
+
+    values = dataset.data.column(column)
+    if hasattr(values.type, "value_type"):
+        values = pc.list_value_length(values)
+    return int(pc.sum(values).as_py() or 0)
 
 
 def _spec_for(tokenizer, block_size: int, text_field: str, doc_sep: str) -> BlockSpec:
@@ -180,19 +204,20 @@ def build_blocks(
             batched=True,
             batch_size=MAP_BATCH,
             num_proc=num_proc if num_proc > 1 else None,
+            remove_columns=["characters"],
             fn_kwargs={"block_size": block_size},
             cache_file_name=str(work / "packed.arrow"),
             new_fingerprint=f"{key}-packed",
             desc=f"packing into blocks of {block_size}",
         )
+        tokens, characters = _column_sum(tokenized, "input_ids"), _column_sum(tokenized, "characters")
         if len(blocks) == 0:
-            tokens = sum(len(ids) for ids in tokenized["input_ids"])
             raise ZhllamaError(
                 f"corpus {', '.join(specs)} gives {tokens} tokens, fewer than one block of {block_size}; "
                 "add text or lower --block-size"
             )
         blocks.save_to_disk(str(work / "blocks"))
-        info = BlocksInfo(key, str(final), False, len(texts), len(blocks), len(blocks) * block_size)
+        info = BlocksInfo(key, str(final), False, len(texts), len(blocks), len(blocks) * block_size, characters, tokens)
         del texts, tokenized, blocks
         shutil.rmtree(work / "hf", ignore_errors=True)
         for name in ("tokenized.arrow", "packed.arrow"):
@@ -232,4 +257,23 @@ def stream_blocks(
         remove_columns=["text"],
         fn_kwargs={"tokenizer": tokenizer, "bos_id": spec.bos_id, "eos_id": spec.eos_id},
     )
-    return tokenized.map(_pack, batched=True, batch_size=MAP_BATCH, fn_kwargs={"block_size": block_size})
+    return tokenized.map(_pack, batched=True, batch_size=MAP_BATCH, remove_columns=["characters"], fn_kwargs={"block_size": block_size})
+
+
+def named_corpus(text: str) -> tuple[str | None, str]:
+    """``NAME=CORPUS`` as ``(NAME, CORPUS)``; a bare ``CORPUS`` as ``(None, CORPUS)``.
+
+    A part before the first ``=`` that holds a path separator belongs to a path (write
+    ``./a=b.txt`` for a file whose name holds ``=``). Raises :class:`ZhllamaError` for an empty
+    name or one with other characters than letters, digits, ``_``, ``.`` and ``-``.
+    """
+    head, sep, corpus = text.partition("=")
+    if not sep or "/" in head or os.sep in head:
+        return None, text
+    if not head:
+        raise ZhllamaError(f"--validation-data {text!r}: empty name before '='; write NAME=CORPUS, e.g. zh=held_out.txt")
+    if not re.fullmatch(r"[\w.-]+", head):
+        raise ZhllamaError(f"--validation-data {text!r}: name {head!r} may hold only letters, digits, '_', '.' and '-'")
+    if not corpus:
+        raise ZhllamaError(f"--validation-data {text!r}: no corpus after '='; write NAME=CORPUS")
+    return head, corpus

@@ -1,4 +1,4 @@
-"""``zhllama sft`` and ``zhllama chat``: flags mapped to the stage functions."""
+"""``zhllama sft`` and ``zhllama chat``: each command's options mapped to its function."""
 
 from zhllama.options import Command
 from zhllama.sft.chat import ChatOptions, chat as chat_with_model

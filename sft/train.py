@@ -24,20 +24,19 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zhllama.args import LoraArgs
-from zhllama.chain import DTYPES, load_chain
+from zhllama.args import ChainArgs, LoraArgs, OutputArgs
 from zhllama.errors import ZhllamaError
-from zhllama.options import at_least, check, option
-from zhllama.outdir import check_output_target, write_manifest
+from zhllama.mixing import SOURCE_COLUMN, MixArgs, MixReport, count_sources, mix
+from zhllama.options import at_least, option
+from zhllama.outdir import check_output_target
+from zhllama.provenance import write_manifest
 from zhllama.sft.data import DataReport, pack_samples, read_conversations, tokenize_conversations
 from zhllama.sft.templates import TEMPLATES, Template, chat_template, get_template
 from zhllama.training import (
-    ALL_LINEAR,
     EMBEDDING_CHOICES,
-    LoraSettings,
+    TRAINING_DEFAULTS,
     build_peft_model,
     build_training_arguments,
-    TRAINING_DEFAULTS,
     checkpoint_dir_for,
     train,
     training_output_dir,
@@ -45,32 +44,27 @@ from zhllama.training import (
 
 
 @dataclass(kw_only=True)
-class SFTOptions(LoraArgs):
-    model: Path = option(help="base model directory (the extended model)")
-    data: list[Path] = option(help="instruction data: Alpaca, ShareGPT or OpenAI-style records, .json or .jsonl")
+class SFTOptions(ChainArgs, LoraArgs, OutputArgs, MixArgs):
+    data: list[Path] = option(
+        help="instruction data: Alpaca, ShareGPT or OpenAI-style records, .json or .jsonl; with --data-weights each file is one source"
+    )
     template: str = option(help=f"prompt template: {', '.join(TEMPLATES)}")
-    out: Path = option(help="output directory for the adapter")
-    adapter: list[Path] = option(help="adapter to apply first, in order (e.g. the pretraining stages)", default_factory=list)
     max_seq_length: int = option(512, help="longest sample in tokens; longer ones lose later turns, then response tail")
-    validation_split: float = option(0.0, help="fraction of the conversations held out for the eval loss")
+    validation_split: float = option(0.0, help="fraction of the conversations held out for the eval loss (of each source, when weighted)")
     packing: bool = option(False, help="pack short samples into rows of --max-seq-length (no attention across samples)")
     train_embeddings: str = option(
         "new", help="embedding / LM-head rows that train: new (rows added by extend), all or none", choices=EMBEDDING_CHOICES
     )
-    dtype: str = option("float32", help="dtype to load the model in", choices=DTYPES)
-    allow_base_mismatch: bool = option(False, help="apply adapters recorded for a different base model")
-    overwrite: bool = option(False, help="replace an existing output directory")
 
-    def __post_init__(self) -> None:
-        problems = []
+    def problems(self) -> list[str]:
+        found = []
         if self.template not in TEMPLATES:
-            problems.append(f"unknown template '{self.template}'; known templates: {', '.join(TEMPLATES)}")
-        at_least(problems, "--max-seq-length", self.max_seq_length, 8)
+            found.append(f"unknown template '{self.template}'; known templates: {', '.join(TEMPLATES)}")
+        at_least(found, "--max-seq-length", self.max_seq_length, 8)
         if not 0 <= self.validation_split < 1:
-            problems.append(f"--validation-split must be in [0, 1), got {self.validation_split}")
-        problems += [f"--data {p}: no such file" for p in self.data if not Path(p).is_file()]
-        check(problems)
-        super().__post_init__()
+            found.append(f"--validation-split must be in [0, 1), got {self.validation_split}")
+        found += [f"--data {p}: no such file" for p in self.data if not Path(p).is_file()]
+        return found
 
 
 @dataclass
@@ -80,34 +74,68 @@ class SFTData:
     train: list[dict]
     validation: list[dict] = field(default_factory=list)
     report: DataReport = field(default_factory=DataReport)
+    mix: MixReport | None = None
+
+
+def _hold_out(conversations: list, validation_split: float, seed: int) -> tuple[list, list]:
+    """(training, held-out) conversations: a seeded share, at least one of each."""
+    if validation_split <= 0:
+        return conversations, []
+    if len(conversations) < 2:
+        raise ZhllamaError(f"--validation-split needs at least 2 conversations; the data has {len(conversations)}")
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    count = min(len(conversations) - 1, max(1, round(validation_split * len(conversations))))
+    chosen = set(order[:count])
+    return [c for i, c in enumerate(conversations) if i not in chosen], [c for i, c in enumerate(conversations) if i in chosen]
 
 
 def build_sft_data(
-    paths, template: Template, tokenizer, *, max_seq_length: int, validation_split: float = 0.0, seed: int = 0
+    paths,
+    template: Template,
+    tokenizer,
+    *,
+    max_seq_length: int,
+    validation_split: float = 0.0,
+    seed: int = 0,
+    weights=(),
+    stopping_strategy: str = "first_exhausted",
 ) -> SFTData:
-    """Read, normalise, split (by conversation, seeded) and tokenise instruction data."""
+    """Read, normalise, split (by conversation, seeded) and tokenise instruction data.
+
+    With ``weights`` (one per path) each file is a source: its conversations are split and
+    tokenised on their own and the training samples mixed by weight (:mod:`zhllama.mixing`);
+    the held-out samples of every source are kept together, unweighted."""
     if not tokenizer.eos_token:
         raise ZhllamaError("the chain's tokenizer has no EOS token; every response must end with one")
     report = DataReport()
-    conversations = read_conversations(paths, report)
-    held_out = []
-    if validation_split > 0:
-        if len(conversations) < 2:
-            raise ZhllamaError(f"--validation-split needs at least 2 conversations; the data has {len(conversations)}")
-        order = list(range(len(conversations)))
-        random.Random(seed).shuffle(order)
-        count = min(len(conversations) - 1, max(1, round(validation_split * len(conversations))))
-        chosen = set(order[:count])
-        held_out = [c for i, c in enumerate(conversations) if i in chosen]
-        conversations = [c for i, c in enumerate(conversations) if i not in chosen]
-    train_samples = tokenize_conversations(conversations, template, tokenizer, max_seq_length, report)
-    validation = tokenize_conversations(held_out, template, tokenizer, max_seq_length, report) if held_out else []
+    groups = [[path] for path in paths] if weights else [list(paths)]
+    per_source, validation, conversations, turns = [], [], 0, 0
+    for group in groups:
+        read = read_conversations(group, report)
+        conversations, turns = conversations + report.conversations, turns + report.turns
+        kept, held_out = _hold_out(read, validation_split, seed)
+        samples = tokenize_conversations(kept, template, tokenizer, max_seq_length, report)
+        if weights and not samples:
+            raise ZhllamaError(f"--data {group[0]}: no training sample fits --max-seq-length {max_seq_length}; raise it")
+        per_source.append(samples)
+        validation += tokenize_conversations(held_out, template, tokenizer, max_seq_length, report) if held_out else []
+    report.conversations, report.turns = conversations, turns
+    train_samples, mix_report = per_source[0], None
+    if weights:
+        from datasets import Dataset
+
+        names = [str(path) for path in paths]
+        mixed = mix([Dataset.from_list(samples) for samples in per_source], weights, seed=seed, stopping_strategy=stopping_strategy)
+        counts = count_sources(mixed, len(per_source))
+        mix_report = MixReport(names, list(weights), stopping_strategy, seed, counts, "dataset", [len(s) for s in per_source])
+        train_samples = mixed.remove_columns(SOURCE_COLUMN).to_list()
     report.samples = len(train_samples) + len(validation)
     if not train_samples:
         raise ZhllamaError(
             f"no training sample fits --max-seq-length {max_seq_length} ({report.dropped_too_long} too long); raise it"
         )
-    return SFTData(train_samples, validation, report)
+    return SFTData(train_samples, validation, report, mix_report)
 
 
 @dataclass
@@ -163,18 +191,51 @@ def sft_training_defaults(options: SFTOptions) -> dict:
     return {**TRAINING_DEFAULTS, "include_num_input_tokens_seen": True if options.packing else "non_padding"}
 
 
-def sft_chain(options: SFTOptions, training=None) -> dict:
+@dataclass
+class SFTResult:
+    """What ``sft`` wrote and measured (the figures are those of ``zhllama.json``)."""
+
+    out: Path
+    template: str
+    figures: dict
+    report: DataReport
+    max_seq_length: int
+    packed_rows: int | None = None  # rows the training samples were packed into (--packing)
+    mix: MixReport | None = None
+
+    def summary(self) -> str:
+        r, f = self.report, self.figures
+        lines = [
+            f"sft data: {r.records} records, {r.conversations} conversations, {f['train_samples']} training and "
+            f"{f['validation_samples']} validation samples, {r.label_tokens} of {r.tokens} tokens are response tokens"
+        ]
+        if r.skipped:
+            lines.append(f"skipped records: {r.skipped_summary()}")
+        if r.turns_dropped_to_fit or r.responses_cut_to_fit or r.dropped_too_long:
+            lines.append(
+                f"--max-seq-length {self.max_seq_length}: {r.turns_dropped_to_fit} samples lost later turns, "
+                f"{r.responses_cut_to_fit} had their response cut, {r.dropped_too_long} were dropped"
+            )
+        if self.packed_rows is not None:
+            lines.append(f"--packing: {f['train_samples']} training samples in {self.packed_rows} rows of up to {self.max_seq_length} tokens")
+        if self.mix is not None:
+            lines.append(self.mix.summary())
+        loss = f"loss {f.get('first_loss', float('nan')):.4f} -> {f.get('last_loss', float('nan')):.4f}"
+        return "\n".join(lines + [f"{loss}; wrote {self.out} (template {self.template})"])
+
+
+def sft_chain(options: SFTOptions, training=None) -> SFTResult:
     """Instruction-tune ``--model`` (+ ``--adapter`` chain) on ``--data`` in ``--template``'s format.
 
     Writes ``--out``: the LoRA adapter (plus trained embedding rows), the tokenizer with the
     template as its chat template, ``zhllama.json``, ``metrics.jsonl`` and ``loss.png``.
     ``training``: the TrainingArguments values chosen (a dict, a ``TrainingArguments`` or None),
-    on top of :func:`sft_training_defaults`. Returns the figures recorded in ``zhllama.json``.
+    on top of :func:`sft_training_defaults`.
     """
-    check_output_target(options.out, options.overwrite)
+    check_output_target(options.out, options.overwrite)  # before the model loads
     training_args = build_training_arguments(options.out, training, sft_training_defaults(options))
     template = get_template(options.template)
-    chain = load_chain(options.model, options.adapter, dtype=options.dtype, allow_base_mismatch=options.allow_base_mismatch)
+    chain = options.load()
     data = build_sft_data(
         options.data,
         template,
@@ -182,27 +243,17 @@ def sft_chain(options: SFTOptions, training=None) -> dict:
         max_seq_length=options.max_seq_length,
         validation_split=options.validation_split,
         seed=training_args.seed,
+        weights=options.data_weights,
+        stopping_strategy=options.stopping_strategy,
     )
-    report = data.report
-    print(
-        f"sft data: {report.records} records, {report.conversations} conversations, {len(data.train)} training and "
-        f"{len(data.validation)} validation samples, {report.label_tokens} of {report.tokens} tokens are response tokens"
-    )
-    if report.skipped:
-        print(f"skipped records: {report.skipped_summary()}")
-    if report.turns_dropped_to_fit or report.responses_cut_to_fit or report.dropped_too_long:
-        print(
-            f"--max-seq-length {options.max_seq_length}: {report.turns_dropped_to_fit} samples lost later turns, "
-            f"{report.responses_cut_to_fit} had their response cut, {report.dropped_too_long} were dropped"
-        )
 
     from datasets import Dataset
 
-    train_rows, validation_rows = data.train, data.validation
+    train_rows, validation_rows, packed_rows = data.train, data.validation, None
     if options.packing:
         train_rows = pack_samples(data.train, options.max_seq_length)
         validation_rows = pack_samples(data.validation, options.max_seq_length)
-        print(f"--packing: {len(data.train)} training samples in {len(train_rows)} rows of up to {options.max_seq_length} tokens")
+        packed_rows = len(train_rows)
     chain.model.config.use_cache = False  # a KV cache would hide packed-sample boundaries from attention
     model = build_peft_model(
         chain.model,
@@ -217,6 +268,7 @@ def sft_chain(options: SFTOptions, training=None) -> dict:
             chain.tokenizer,
             train_dataset=Dataset.from_list(train_rows),
             eval_dataset=Dataset.from_list(validation_rows) if validation_rows else None,
+            eval_name="held_out",
             data_collator=data_collator(chain.tokenizer, options.packing),
             training_args=training_args,
             out_dir=out_dir,
@@ -224,7 +276,9 @@ def sft_chain(options: SFTOptions, training=None) -> dict:
             tokenizer_dir=chain.tokenizer_dir,
         )
         add_chat_template(out_dir, template)
-        figures.update(data=report.as_dict(), train_samples=len(data.train), validation_samples=len(data.validation))
+        figures.update(data=data.report.as_dict(), train_samples=len(data.train), validation_samples=len(data.validation))
+        if data.mix is not None:
+            figures["mix"] = data.mix.as_dict()
         write_manifest(
             out_dir,
             command="sft",
@@ -234,5 +288,4 @@ def sft_chain(options: SFTOptions, training=None) -> dict:
             template=template.name,
             chain=chain.describe(),
         )
-    print(f"wrote {options.out} (template {template.name})")
-    return figures
+    return SFTResult(options.out, template.name, figures, data.report, options.max_seq_length, packed_rows, data.mix)

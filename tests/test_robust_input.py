@@ -416,6 +416,31 @@ def _(ctx):
     return pretrain(ctx, "--train-embeddings", "none"), "--stage 1 --train-embeddings none would train nothing"
 
 
+@case("data-weights-count")
+def _(ctx):
+    return pretrain(ctx, "--data", ctx.chain.corpus, "--data-weights", "1"), "--data-weights needs one weight per --data source: 2 source(s), 1 weight(s)"
+
+
+@case("data-weights-negative")
+def _(ctx):
+    return sft(ctx, ctx.text("a.jsonl", '{"instruction": "a", "output": "b"}\n'), "--data-weights", "-0.1"), "--data-weights must not be negative (got -0.1)"
+
+
+@case("data-weights-zero")
+def _(ctx):
+    return pretrain(ctx, "--data", ctx.chain.corpus, "--data-weights", "0", "0"), "--data-weights are all zero"
+
+
+@case("validation-data-empty-name")
+def _(ctx):
+    return pretrain(ctx, "--validation-data", "=held.txt"), "--validation-data '=held.txt': empty name before '='"
+
+
+@case("validation-data-bad-name")
+def _(ctx):
+    return pretrain(ctx, "--validation-data", "z h=held.txt"), "name 'z h' may hold only letters, digits"
+
+
 @case("block-size-beyond-context")
 def _(ctx):
     return pretrain(ctx, "--block-size", "100000"), "--block-size 100000 exceeds the model's context"

@@ -248,3 +248,50 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_model_dir, tmp_path, caps
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("zhllama: error: ") and message in err[-1], err
         assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_sft_data_weights_mix_the_sources(tiny_model_dir, tmp_path):
+    """General + domain instructions by weight: the realised share is recorded, seeded."""
+    from zhllama.demo import tiny
+
+    general = tiny.write_json(tmp_path / "general.json", tiny.instruction_records(300, seed=1))
+    domain = tiny.write_json(tmp_path / "domain.json", tiny.fact_records(300, seed=2))
+    out = tmp_path / "mixed"
+    argv = ["sft", "--model", str(tiny_model_dir), "--data", str(general), "--data", str(domain), "--data-weights", "3", "1",
+            "--template", "alpaca", "--out", str(out), "--max-seq-length", "256", "--validation-split", "0.1",
+            "--max-steps", "2", "--lora-r", "4", *TRAINING]  # fmt: skip
+    assert main(argv) == 0
+    figures = manifest(out)["figures"]
+    sources = figures["mix"]["sources"]
+    assert sources[str(general)]["share"] == pytest.approx(0.75, abs=0.05)
+    assert sources[str(general)]["examples"] == sources[str(general)]["available"] == 270  # first_exhausted: general ran out
+    assert figures["train_samples"] == sum(s["examples"] for s in sources.values())
+    assert figures["validation_samples"] == 60  # 10% of each source, unweighted
+    assert set(figures["validation"]["held_out"]) == {"loss_before", "loss_after", "bits_per_char_before", "bits_per_char_after"}
+
+
+def test_bad_weights_fail_before_the_model_loads(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from zhllama.args import ChainArgs
+
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"instruction": "a", "output": "b"}\n', encoding="utf-8")
+    out = tmp_path / "out"
+
+    def no_loading(self):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(ChainArgs, "load", no_loading)
+    base = ["sft", "--model", str(tiny_model_dir), "--template", "alpaca", "--out", str(out), "--max-steps", "1", *TRAINING]
+    for extra, message in [
+        (["--data", str(good), str(good), "--data-weights", "1"], "one weight per --data source: 2 source(s), 1 weight(s)"),
+        (["--data", str(good), str(good), "--data-weights", "1", "-1"], "must not be negative"),
+        (["--data", str(good), str(good), "--data-weights", "0", "0"], "all zero"),
+    ]:
+        assert main(base + extra) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("zhllama: error: ") and message in err[-1], err
+        assert not out.exists()
+    out.mkdir()  # an existing --out is found before the model loads
+    (out / "adapter_model.safetensors").write_bytes(b"earlier run")
+    assert main(base + ["--data", str(good)]) == 1
+    assert "exists" in capsys.readouterr().err

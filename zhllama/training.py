@@ -267,22 +267,43 @@ class AdapterTrainer(Trainer):
         return loss
 
 
+def eval_loss_key(name: str | None) -> str:
+    """The Trainer's metric for a validation set: ``eval_loss`` (one unnamed set) or ``eval_NAME_loss``."""
+    return "eval_loss" if name is None else f"eval_{name}_loss"
+
+
+def bits_key(loss_key: str) -> str:
+    """``eval_zh_loss`` -> ``eval_zh_bits_per_char``."""
+    return loss_key.removesuffix("_loss") + "_bits_per_char"
+
+
+def bits_per_char(loss: float, tokens_per_character: float) -> float:
+    """A loss in nats per token as bits per character."""
+    return loss / math.log(2) * tokens_per_character
+
+
 class MetricsLogger(TrainerCallback):
     """A TrainerCallback that appends every log (loss, learning rate, tokens/s) to metrics.jsonl.
 
-    It writes into the checkpoint directory while training, so the log of a crashed run survives
-    with its checkpoints; :func:`finish_metrics` copies the de-duplicated log next to the adapter
-    and draws ``loss.png``.
+    ``tokens_per_character`` maps a validation loss key (``eval_loss``, ``eval_zh_loss``) to its
+    set's tokens per character; each logged validation loss then gets its bits per character
+    beside it (``eval_zh_bits_per_char``). It writes into the checkpoint directory while
+    training, so the log of a crashed run survives with its checkpoints; :func:`finish_metrics`
+    copies the de-duplicated log next to the adapter and draws ``loss.png``.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tokens_per_character: dict[str, float] | None = None):
         self.path = path
+        self.tokens_per_character = tokens_per_character or {}
         self._last: tuple[float, int] | None = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
         entry = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+        for key, per_char in self.tokens_per_character.items():
+            if key in entry:
+                entry[bits_key(key)] = bits_per_char(entry[key], per_char)
         now, tokens = time.perf_counter(), getattr(state, "num_input_tokens_seen", 0)
         if self._last is not None and "loss" in logs and now > self._last[0]:
             entry["tokens_per_second"] = round((tokens - self._last[1]) / (now - self._last[0]), 1)
@@ -300,8 +321,14 @@ class MetricsLogger(TrainerCallback):
         self._last = (time.perf_counter(), getattr(state, "num_input_tokens_seen", 0))
 
 
+def eval_loss_keys(entry: dict) -> list[str]:
+    """The validation losses an entry holds (``eval_loss``, ``eval_zh_loss``, ...)."""
+    return [k for k in entry if k.startswith("eval_") and k.endswith("_loss")]
+
+
 def read_metrics(path: Path) -> list[dict]:
-    """The logged entries, keeping the latest entry for each (step, kind) (a resumed run re-logs steps)."""
+    """The logged entries, keeping the latest entry for each (step, kind) (a resumed run re-logs
+    steps); each validation set's entries are a kind of their own."""
     if not path.is_file():
         return []
     latest: dict[tuple[int, str], dict] = {}
@@ -310,28 +337,42 @@ def read_metrics(path: Path) -> list[dict]:
             entry = json.loads(line)
         except ValueError:
             continue  # a line torn by a kill
-        kind = "eval" if "eval_loss" in entry else "train" if "loss" in entry else "summary"
+        evals = eval_loss_keys(entry)
+        kind = ",".join(evals) if evals else "train" if "loss" in entry else "summary"
         latest[(entry["step"], kind)] = entry
     return [latest[key] for key in sorted(latest)]
 
 
 def plot_loss(entries: list[dict], path: Path) -> None:
+    """Training loss and every validation set's loss; a second panel with their bits per
+    character when those were logged."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train = [(e["step"], e["loss"]) for e in entries if "loss" in e]
-    evals = [(e["step"], e["eval_loss"]) for e in entries if "eval_loss" in e]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    loss_keys = sorted({k for e in entries for k in eval_loss_keys(e)})
+    with_bits = any(bits_key(k) in e for e in entries for k in loss_keys)
+    fig, axes = plt.subplots(1, 2 if with_bits else 1, figsize=(11 if with_bits else 6, 4), squeeze=False)
+    loss_ax = axes[0][0]
     if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+        loss_ax.plot(*zip(*train), label="train loss")
+    for key in loss_keys:
+        label = "validation" if key == "eval_loss" else key.removeprefix("eval_").removesuffix("_loss")
+        points = [(e["step"], e[key]) for e in entries if key in e]
+        loss_ax.plot(*zip(*points), "o-", label=f"{label} loss")
+        bits = [(e["step"], e[bits_key(key)]) for e in entries if bits_key(key) in e]
+        if with_bits and bits:
+            axes[0][1].plot(*zip(*bits), "o-", label=label)
+    loss_ax.set_ylabel("loss (nats per token)")
+    panels = [(loss_ax, "loss")] + ([(axes[0][1], "bits per character")] if with_bits else [])
+    for ax, _ in panels:
+        ax.set_xlabel("step")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    if with_bits:
+        axes[0][1].set_ylabel("validation bits per character")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -344,6 +385,24 @@ def finish_metrics(source: Path, out_dir: Path) -> list[dict]:
             fh.write(json.dumps(entry) + "\n")
     plot_loss(entries, out_dir / "loss.png")
     return entries
+
+
+def validation_figures(entries: list[dict], final: dict, loss_keys: dict[str, str], tokens_per_character: dict) -> dict:
+    """``{NAME: {loss_before, loss_after, bits_per_char_before, bits_per_char_after}}`` of each
+    validation set (``loss_keys``: set name -> its metric): before = the step-0 evaluation
+    (None after a resume that did not log it), after = the final one. Bits per character are
+    None where the set's characters were not counted (``tokens_per_character`` lacks it)."""
+    found = {}
+    for name, key in loss_keys.items():
+        before = next((e[key] for e in entries if e["step"] == 0 and key in e), None)
+        after, per_char = final.get(key), tokens_per_character.get(name)
+        found[name] = {
+            "loss_before": before,
+            "loss_after": after,
+            "bits_per_char_before": bits_per_char(before, per_char) if before is not None and per_char else None,
+            "bits_per_char_after": bits_per_char(after, per_char) if after is not None and per_char else None,
+        }
+    return found
 
 
 def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
@@ -406,6 +465,8 @@ def train(
     *,
     train_dataset,
     eval_dataset=None,
+    eval_name: str = "validation",
+    tokens_per_character: dict[str, float] | None = None,
     data_collator=None,
     training_args,
     out_dir: str | Path,
@@ -417,9 +478,16 @@ def train(
     ``out_dir`` is the (temporary) output directory; ``checkpoint_dir`` (see
     :func:`checkpoint_dir_for`) receives the Trainer checkpoints and the running metrics log
     and is removed after success. The tokenizer files of ``tokenizer_dir`` (the chain's) are
-    copied verbatim next to the adapter; without it the tokenizer is re-saved. Returns the figures for the manifest: first/last training
-    loss, validation loss before (``eval_on_start``) and after, perplexity, trainable and total
-    parameters, adapter bytes, tokens/s.
+    copied verbatim next to the adapter; without it the tokenizer is re-saved.
+
+    ``eval_dataset`` is one validation set (logged as ``eval_loss``, recorded as ``eval_name``)
+    or ``{name: dataset}`` (each scored separately, logged as ``eval_NAME_loss``); each set is
+    scored before training and at every evaluation. ``tokens_per_character`` ({set name: value})
+    adds bits per character to the log and the figures.
+
+    Returns the figures for the manifest: first/last training loss, ``validation`` (per set:
+    loss and bits per character before and after), ``eval_loss``/``eval_loss_before``/
+    ``eval_perplexity`` of the first set, trainable and total parameters, adapter bytes, tokens/s.
     """
     out_dir, checkpoint_dir = Path(out_dir), Path(checkpoint_dir)
     resume = resolve_resume(training_args.resume_from_checkpoint, checkpoint_dir)
@@ -432,6 +500,11 @@ def train(
     metrics_path = checkpoint_dir / "metrics.jsonl"
     if resume is None and training_args.process_index == 0 and metrics_path.exists():
         metrics_path.unlink()  # a fresh run does not continue an old log
+    if isinstance(eval_dataset, dict):
+        loss_keys = {name: eval_loss_key(name) for name in eval_dataset}
+    else:
+        loss_keys = {eval_name: eval_loss_key(None)} if eval_dataset is not None else {}
+    per_char = {name: value for name, value in (tokens_per_character or {}).items() if name in loss_keys}
 
     trainable, total = parameter_counts(model)
     trainer = AdapterTrainer(
@@ -442,7 +515,7 @@ def train(
         # equal-length blocks need no padding (Trainer would otherwise pad with the tokenizer)
         data_collator=data_collator or default_data_collator,
         processing_class=tokenizer,
-        callbacks=[MetricsLogger(metrics_path)],
+        callbacks=[MetricsLogger(metrics_path, {loss_keys[name]: value for name, value in per_char.items()})],
     )
     result = trainer.train(resume_from_checkpoint=resume)
     figures: dict = {
@@ -451,10 +524,11 @@ def train(
         "global_step": trainer.state.global_step,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
     }
-    if eval_dataset is not None:
-        eval_loss = trainer.evaluate()["eval_loss"]
-        figures["eval_loss"] = eval_loss
-        figures["eval_perplexity"] = math.exp(min(eval_loss, 700))
+    final = trainer.evaluate() if eval_dataset is not None else {}
+    if loss_keys:
+        first = final[next(iter(loss_keys.values()))]
+        figures["eval_loss"] = first
+        figures["eval_perplexity"] = math.exp(min(first, 700))
     if not training_args.should_save:
         return figures
     save_adapter(model, out_dir)
@@ -463,9 +537,11 @@ def train(
     else:
         tokenizer.save_pretrained(str(out_dir))
     entries = finish_metrics(metrics_path, out_dir)
-    before = [e["eval_loss"] for e in entries if e["step"] == 0 and "eval_loss" in e]
-    if before:
-        figures["eval_loss_before"] = before[0]
+    if loss_keys:
+        figures["validation"] = validation_figures(entries, final, loss_keys, per_char)
+        before = next(iter(figures["validation"].values()))["loss_before"]
+        if before is not None:
+            figures["eval_loss_before"] = before
     losses = [e["loss"] for e in entries if "loss" in e]
     if losses:
         figures["first_loss"], figures["last_loss"] = losses[0], losses[-1]
