@@ -15,24 +15,23 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from zhllama.corpus import iter_documents
+from zhllama.corpus import iter_documents, named_corpus
+from zhllama.errors import ZhllamaError
 
 
 def named_corpora(specs: list[str]) -> tuple[dict[str, str], list[str]]:
-    """``{name: corpus}`` from ``NAME=CORPUS`` arguments (a bare CORPUS is named as written),
-    and the problems found (an empty or repeated name)."""
+    """``{name: corpus}`` from ``--data`` arguments (:func:`zhllama.corpus.named_corpus`; a bare
+    CORPUS is named as written), and the problems found (a bad or repeated name)."""
     named: dict[str, str] = {}
     problems = []
     for spec in specs:
-        name, sep, corpus = str(spec).partition("=")
-        if not sep or "/" in name or Path(spec).exists():
-            name, corpus = str(spec), str(spec)
-        elif not name.strip():
-            problems.append(f"--data {spec}: empty name before '='; write NAME=CORPUS, e.g. zh={corpus}")
+        try:
+            name, corpus = named_corpus(str(spec), "--data")
+        except ZhllamaError as e:
+            problems.append(str(e))
             continue
-        if not corpus:
-            problems.append(f"--data {spec}: no corpus after '='; write NAME=CORPUS")
-        elif name in named:
+        name = name or str(spec)
+        if name in named:
             problems.append(f"--data: the name {name!r} is given twice; give each corpus its own NAME=")
         else:
             named[name] = corpus

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -258,22 +257,3 @@ def stream_blocks(
         fn_kwargs={"tokenizer": tokenizer, "bos_id": spec.bos_id, "eos_id": spec.eos_id},
     )
     return tokenized.map(_pack, batched=True, batch_size=MAP_BATCH, remove_columns=["characters"], fn_kwargs={"block_size": block_size})
-
-
-def named_corpus(text: str) -> tuple[str | None, str]:
-    """``NAME=CORPUS`` as ``(NAME, CORPUS)``; a bare ``CORPUS`` as ``(None, CORPUS)``.
-
-    A part before the first ``=`` that holds a path separator belongs to a path (write
-    ``./a=b.txt`` for a file whose name holds ``=``). Raises :class:`ZhllamaError` for an empty
-    name or one with other characters than letters, digits, ``_``, ``.`` and ``-``.
-    """
-    head, sep, corpus = text.partition("=")
-    if not sep or "/" in head or os.sep in head:
-        return None, text
-    if not head:
-        raise ZhllamaError(f"--validation-data {text!r}: empty name before '='; write NAME=CORPUS, e.g. zh=held_out.txt")
-    if not re.fullmatch(r"[\w.-]+", head):
-        raise ZhllamaError(f"--validation-data {text!r}: name {head!r} may hold only letters, digits, '_', '.' and '-'")
-    if not corpus:
-        raise ZhllamaError(f"--validation-data {text!r}: no corpus after '='; write NAME=CORPUS")
-    return head, corpus

@@ -24,12 +24,13 @@ import numpy as np
 
 from zhllama.args import ChainArgs, CorpusArgs, LoraArgs, OutputArgs
 from zhllama.chain import check_block_size
+from zhllama.corpus import named_corpus
 from zhllama.errors import ZhllamaError
 from zhllama.mixing import SOURCE_COLUMN, MixArgs, MixReport, SourceCounter, count_sources, mix
 from zhllama.options import at_least, option
 from zhllama.outdir import check_output_target
 from zhllama.provenance import write_manifest
-from zhllama.pretrain.data import build_blocks, collate_blocks, named_corpus, stream_blocks
+from zhllama.pretrain.data import build_blocks, collate_blocks, stream_blocks
 from zhllama.training import (
     EMBEDDING_CHOICES,
     build_peft_model,
@@ -88,7 +89,7 @@ def validation_sets(specs: list[str]) -> dict[str, list[str]]:
     (repeating a name adds corpora to it), the bare corpora together form one set."""
     sets: dict[str, list[str]] = {}
     for text in specs:
-        name, corpus = named_corpus(text)
+        name, corpus = named_corpus(text, "--validation-data")
         sets.setdefault(name or UNNAMED_VALIDATION, []).append(corpus)
     return sets
 

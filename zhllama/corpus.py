@@ -15,6 +15,8 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import os
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,3 +301,23 @@ def iter_documents(
 def read_documents(specs: Sequence[str | Path], **kwargs) -> list[str]:
     """All documents of a corpus in memory (for small corpora and tests)."""
     return list(iter_documents(specs, **kwargs))
+
+
+def named_corpus(spec: str, flag: str) -> tuple[str | None, str]:
+    """``NAME=CORPUS`` as ``(NAME, CORPUS)``; a bare ``CORPUS`` as ``(None, CORPUS)``.
+
+    A part before the first ``=`` that holds a path separator belongs to a path, and so does
+    the ``=`` of a path that exists (``./a=b.txt`` works either way). Raises
+    :class:`ZhllamaError`, naming ``flag``, for an empty name, a name with other characters than
+    letters, digits, ``_``, ``.`` and ``-``, or nothing after the ``=``.
+    """
+    head, sep, corpus = spec.partition("=")
+    if not sep or "/" in head or os.sep in head or Path(spec).exists():
+        return None, spec
+    if not head:
+        raise ZhllamaError(f"{flag} {spec!r}: empty name before '='; write NAME=CORPUS, e.g. zh=held_out.txt")
+    if not re.fullmatch(r"[\w.-]+", head):
+        raise ZhllamaError(f"{flag} {spec!r}: name {head!r} may hold only letters, digits, '_', '.' and '-'")
+    if not corpus:
+        raise ZhllamaError(f"{flag} {spec!r}: no corpus after '='; write NAME=CORPUS")
+    return head, corpus
