@@ -17,16 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
+from zhllama.accel import AccelArgs, choose_acceleration, read_model_config
 from zhllama.args import LoraArgs
 from zhllama.chain import DTYPES, check_block_size, load_chain
 from zhllama.corpus import DOC_SEPARATORS
 from zhllama.errors import ZhllamaError
 from zhllama.options import at_least, check, option
 from zhllama.outdir import check_output_target, write_manifest
-from zhllama.pretrain.data import build_blocks, collate_blocks, stream_blocks
+from zhllama.pretrain.data import build_blocks, stream_blocks
+from zhllama.pretrain.packing import PackingArgs, block_collator
 from zhllama.training import (
     ALL_LINEAR,
     EMBEDDING_CHOICES,
+    TRAINING_DEFAULTS,
     LoraSettings,
     build_peft_model,
     build_training_arguments,
@@ -37,7 +40,7 @@ from zhllama.training import (
 
 
 @dataclass(kw_only=True)
-class PretrainOptions(LoraArgs):
+class PretrainOptions(LoraArgs, AccelArgs, PackingArgs):
     stage: int = option(help="1: train the new embedding/LM-head rows only; 2: LoRA plus those rows", choices=(1, 2))
     model: Path = option(help="extended model directory (from 'zhllama extend')")
     data: list[str] = option(help="training corpora (files, directories or globs)")
@@ -120,11 +123,20 @@ def pretrain_chain(options: PretrainOptions, training=None) -> Path:
     ``training``: the TrainingArguments values chosen (a dict, a ``TrainingArguments`` or None),
     on top of :data:`zhllama.training.TRAINING_DEFAULTS`. Returns the output directory."""
     check_output_target(options.out, options.overwrite)
-    training_args = build_training_arguments(options.out, training)
+    check_block_size(options.model, options.block_size)
+    # precision, attention kernel, checkpointing, 4-bit (zhllama/accel.py)
+    acceleration = choose_acceleration(
+        read_model_config(options.model), training, attention=options.attention, load_in_4bit=options.load_in_4bit
+    )
+    training_args = build_training_arguments(options.out, training, acceleration.defaults(TRAINING_DEFAULTS))
     if options.streaming and training_args.max_steps <= 0:
         raise ZhllamaError("--streaming has no length to count epochs from; pass --max-steps N")
-    check_block_size(options.model, options.block_size)
-    chain = load_chain(options.model, options.adapter, dtype=options.dtype, allow_base_mismatch=options.allow_base_mismatch)
+    chain = load_chain(
+        options.model, options.adapter, dtype=acceleration.load_dtype(options.dtype), allow_base_mismatch=options.allow_base_mismatch
+    )
+    chain.model = acceleration.prepare(chain.model)
+    if training_args.process_index == 0:
+        print(acceleration.line, flush=True)
 
     train_blocks, eval_blocks, data_info = load_data(options, chain, training_args)
     model = build_peft_model(
@@ -140,7 +152,9 @@ def pretrain_chain(options: PretrainOptions, training=None) -> Path:
             chain.tokenizer,
             train_dataset=train_blocks,
             eval_dataset=eval_blocks,
-            data_collator=collate_blocks,
+            data_collator=block_collator(
+                chain.tokenizer, cross_document_attention=options.cross_document_attention, attention=acceleration.attention
+            ),
             training_args=training_args,
             out_dir=out_dir,
             checkpoint_dir=checkpoint_dir_for(options.out),

@@ -24,6 +24,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zhllama.accel import AccelArgs, choose_acceleration, read_model_config
 from zhllama.args import LoraArgs
 from zhllama.chain import DTYPES, load_chain
 from zhllama.errors import ZhllamaError
@@ -45,7 +46,7 @@ from zhllama.training import (
 
 
 @dataclass(kw_only=True)
-class SFTOptions(LoraArgs):
+class SFTOptions(LoraArgs, AccelArgs):
     model: Path = option(help="base model directory (the extended model)")
     data: list[Path] = option(help="instruction data: Alpaca, ShareGPT or OpenAI-style records, .json or .jsonl")
     template: str = option(help=f"prompt template: {', '.join(TEMPLATES)}")
@@ -172,9 +173,18 @@ def sft_chain(options: SFTOptions, training=None) -> dict:
     on top of :func:`sft_training_defaults`. Returns the figures recorded in ``zhllama.json``.
     """
     check_output_target(options.out, options.overwrite)
-    training_args = build_training_arguments(options.out, training, sft_training_defaults(options))
+    # precision, attention kernel, checkpointing, 4-bit (zhllama/accel.py)
+    acceleration = choose_acceleration(
+        read_model_config(options.model), training, attention=options.attention, load_in_4bit=options.load_in_4bit
+    )
+    training_args = build_training_arguments(options.out, training, acceleration.defaults(sft_training_defaults(options)))
     template = get_template(options.template)
-    chain = load_chain(options.model, options.adapter, dtype=options.dtype, allow_base_mismatch=options.allow_base_mismatch)
+    chain = load_chain(
+        options.model, options.adapter, dtype=acceleration.load_dtype(options.dtype), allow_base_mismatch=options.allow_base_mismatch
+    )
+    chain.model = acceleration.prepare(chain.model)
+    if training_args.process_index == 0:
+        print(acceleration.line, flush=True)
     data = build_sft_data(
         options.data,
         template,

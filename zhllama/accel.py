@@ -63,7 +63,9 @@ class AccelArgs(Options):
 
 def read_model_config(model_dir: str | Path) -> dict:
     """A model directory's ``config.json`` as a dict (read before any weight is loaded)."""
-    path = Path(model_dir) / "config.json"
+    from zhllama.chain import check_model_dir
+
+    path = check_model_dir(model_dir) / "config.json"
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
