@@ -122,3 +122,26 @@ def test_block_collator_picks_plain_stacking_or_documents():
     assert block_collator(Tok, cross_document_attention=True) is collate_blocks
     assert block_collator(Tok, cross_document_attention=False, attention="flash_attention_2").flatten
     assert not block_collator(Tok, cross_document_attention=False, attention="sdpa").flatten
+
+
+def test_pretrain_no_cross_document_attention_end_to_end(tmp_path, merged_tokenizer_dir, tiny_model_dir, chinese_corpus, monkeypatch, capsys):
+    """The stage trains on document-restarting blocks, says what it chose, and refuses 4-bit on CPU."""
+    from pretrain_fixtures import TRAIN_FLAGS, manifest, run
+
+    extended = tmp_path / "extended"
+    run(["extend", "--model", tiny_model_dir, "--tokenizer", merged_tokenizer_dir, "--out", extended, "--head-init", "mean"])
+    collated = []
+    original = DocumentBlockCollator.__call__
+    monkeypatch.setattr(DocumentBlockCollator, "__call__", lambda self, features: collated.append(len(features)) or original(self, features))
+    argv = ["pretrain", "--stage", "1", "--model", extended, "--data", chinese_corpus, "--block-size", "32", "--validation-split", "0",
+            "--cache-dir", tmp_path / "cache", "--max-steps", "3", "--learning-rate", "1e-2", *TRAIN_FLAGS]  # fmt: skip
+    run([*argv, "--out", tmp_path / "s1", "--no-cross-document-attention"])
+    written = manifest(tmp_path / "s1")
+    assert written["options"]["cross_document_attention"] is False and written["figures"]["global_step"] == 3
+    assert collated and set(collated) == {8}  # every training batch went through the document collator
+    assert "acceleration: cpu" in capsys.readouterr().out
+
+    run([*argv, "--out", tmp_path / "s1_4bit", "--load-in-4bit"], expect=1)
+    err = capsys.readouterr().err
+    assert err.count("zhllama: error: --load-in-4bit needs a CUDA GPU") == 1 and "Traceback" not in err
+    assert not (tmp_path / "s1_4bit").exists()
