@@ -37,7 +37,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("ZHLLAMA_ASSETS", REPO.parent / "shared" / "assets"))
 WAYS = ("zhllama", "chinese-llama", "plain")
-STAGES = ("stage1", "stage2", "sft")
+STAGES = ("stage1", "stage2", "stage2-4bit", "sft")
+DEFAULT_STAGES = ("stage1", "stage2", "sft")
+# config.json shapes: LLaMA-2-7B's and a ~1B LLaMA's (TinyLlama-1.1B), with fewer layers when asked
+SHAPES = {
+    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32},
+    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32, "num_key_value_heads": 4},
+}
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "RTX 4090": 165.0}
 
 
@@ -120,10 +126,11 @@ def zhllama_argv(spec: dict, out: Path) -> list[str]:
     for key, value in flags.items():
         common += [f"--{key.replace('_', '-')}", str(value).lower() if isinstance(value, bool) else str(value)]
     if spec["stage"] == "sft":
-        return ["sft", "--data", spec["sft_data"], "--template", "chinese-alpaca", "--max-seq-length", str(spec["block_size"]), *common]
-    stage = spec["stage"][-1]
+        length = str(max(spec["block_size"], 128))  # room for the template around short answers
+        return ["sft", "--data", spec["sft_data"], "--template", "chinese-alpaca", "--max-seq-length", length, *common]
+    stage, four_bit = spec["stage"][5], spec["stage"].endswith("4bit")
     return ["pretrain", "--stage", stage, "--data", spec["corpus"], "--block-size", str(spec["block_size"]),
-            "--validation-split", "0", "--cache-dir", spec["cache_dir"], *common]  # fmt: skip
+            "--validation-split", "0", "--cache-dir", spec["cache_dir"], *(["--load-in-4bit"] if four_bit else []), *common]  # fmt: skip
 
 
 def other_way(spec: dict, out: Path) -> tuple[int, int]:
@@ -145,7 +152,8 @@ def other_way(spec: dict, out: Path) -> tuple[int, int]:
 
         from datasets import Dataset
 
-        data = build_sft_data([Path(spec["sft_data"])], get_template("chinese-alpaca"), chain.tokenizer, max_seq_length=spec["block_size"])
+        length = max(spec["block_size"], 128)
+        data = build_sft_data([Path(spec["sft_data"])], get_template("chinese-alpaca"), chain.tokenizer, max_seq_length=length)
         train_dataset, collator = Dataset.from_list(data.train), data_collator(chain.tokenizer, packing=False)
     else:
         from zhllama.pretrain.data import build_blocks, collate_blocks
@@ -197,8 +205,25 @@ def worker(spec: dict) -> dict:
 # ---------------------------------------------------------------- building the model and running the table
 
 
-def build_model(work: Path, hidden: int, layers: int) -> dict:
-    """A random LLaMA of the given size, extended with Chinese-LLaMA's pieces; corpus; SFT data."""
+def tiny_inputs(work: Path) -> tuple[Path, Path, Path, Path]:
+    """The built-in tiny default instead of the assets: a 1000-piece LLaMA-style tokenizer, a
+    Chinese SentencePiece model trained here, generated Chinese text and instructions."""
+    from zhllama.cli import main
+    from zhllama.demo import tiny
+
+    base_tokenizer = tiny.write_base_tokenizer(work / "tiny_tokenizer") / "tokenizer.model"
+    corpus = tiny.write_lines(work / "zh.txt", tiny.chinese_sentences(2000, seed=7))
+    if main(["vocab", "train", str(corpus), "--out", str(work / "zh_sp"), "--vocab-size", "2000"]) != 0:
+        raise SystemExit("zhllama vocab train failed")
+    sft_data = tiny.write_json(work / "sft.json", tiny.instruction_records(200, seed=0))
+    return base_tokenizer, work / "zh_sp" / "chinese_sp.model", corpus, sft_data
+
+
+def build_model(work: Path, hidden: int, layers: int, shape: str | None = None, head_init: str = "mean", tiny: bool = False) -> dict:
+    """A random LLaMA (``shape``'s or ``hidden``'s size, ``layers`` layers, bf16), extended with
+    Chinese-LLaMA's pieces by ``--head-init head_init`` (timed); the corpus; the SFT data.
+    ``tiny``: the built-in tiny default's tokenizers and data instead (no assets needed)."""
+    import sentencepiece as spm
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -207,6 +232,7 @@ def build_model(work: Path, hidden: int, layers: int) -> dict:
 
     needed = [ASSETS / p for p in ("tokenizers/llama/tokenizer.model", "tokenizers/chinese-llama/chinese_sp.model",
                                    "corpora/zh/hongloumeng.txt", "sft/ruozhiba_qa2449_zh.json")]  # fmt: skip
+    needed = list(tiny_inputs(work)) if tiny else needed
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         raise SystemExit(f"missing assets {', '.join(missing)}; pass --model/--corpus/--sft-data, or set ZHLLAMA_ASSETS")
@@ -215,18 +241,23 @@ def build_model(work: Path, hidden: int, layers: int) -> dict:
     (base / "tokenizer.model").write_bytes(needed[0].read_bytes())
     save_hf_tokenizer(base / "tokenizer.model", base)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 8 * 8, num_hidden_layers=layers,
-                         num_attention_heads=max(1, hidden // 64), max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(str(base))
+    size = SHAPES[shape] if shape else {"hidden_size": hidden, "intermediate_size": hidden * 8 // 3 // 8 * 8, "num_attention_heads": max(1, hidden // 64)}
+    vocab_size = spm.SentencePieceProcessor(model_file=str(base / "tokenizer.model")).get_piece_size()
+    config = LlamaConfig(vocab_size=vocab_size, num_hidden_layers=layers, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, **size)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(base))
+    seconds = {}
     for argv in (["vocab", "merge", "--base", str(base), "--add", str(needed[1]), "--out", str(work / "merged")],
-                 ["extend", "--model", str(base), "--tokenizer", str(work / "merged"), "--out", str(work / "extended"), "--head-init", "mean"]):  # fmt: skip
+                 ["extend", "--model", str(base), "--tokenizer", str(work / "merged"), "--out", str(work / "extended"), "--head-init", head_init]):  # fmt: skip
+        start = time.perf_counter()
         if main(argv) != 0:
             raise SystemExit(f"zhllama {argv[0]} failed")
-    return {"model": str(work / "extended"), "corpus": str(needed[2]), "sft_data": str(needed[3])}
+        seconds[argv[0]] = round(time.perf_counter() - start, 1)
+    print(f"built: vocab merge {seconds['vocab']} s, extend --head-init {head_init} {seconds['extend']} s", file=sys.stderr)
+    return {"model": str(work / "extended"), "corpus": str(needed[2]), "sft_data": str(needed[3]), "extend_s": seconds["extend"]}
 
 
 def table(rows: list[dict]) -> str:
-    columns = ["stage", "way", "trainable_params", "tokens_per_second", "peak_rss_mib", "peak_gpu_mib", "mfu", "command_wall_s"]
+    columns = ["stage", "way", "trainable_params", "tokens_per_second", "peak_rss_mib", "peak_gpu_mib", "mfu", "command_wall_s", "refused"]
     columns = [c for c in columns if any(c in row for row in rows)]
     lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
     for row in rows:
@@ -239,6 +270,9 @@ def main() -> None:
     parser.add_argument("--model", help="an extended model directory (default: build one)")
     parser.add_argument("--corpus", help="pretraining corpus (with --model)")
     parser.add_argument("--sft-data", help="instruction data (with --model)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="a published model's layer shape (default: --hidden)")
+    parser.add_argument("--head-init", default="mean", choices=("mean", "logprob"), help="extend's LM-head init (timed)")
+    parser.add_argument("--tiny-vocab", action="store_true", help="the built-in tiny tokenizers and data (no assets; fast)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)
@@ -246,7 +280,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's bf16 peak, for MFU (default: known GPUs)")
-    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--stages", nargs="+", default=list(DEFAULT_STAGES), choices=STAGES,
+                        help="stage2-4bit: stage 2 with --load-in-4bit (zhllama only; on CPU its refusal is checked)")
     parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS)
     parser.add_argument("--json", default=str(REPO / "bench" / "out" / "train.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -255,25 +290,41 @@ def main() -> None:
         print("BENCH_RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
 
+    import torch
+
+    cuda = torch.cuda.is_available()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     rows = []
     with tempfile.TemporaryDirectory(prefix="zhllama-bench-train-") as scratch:
         work = Path(scratch)
         inputs = ({"model": args.model, "corpus": args.corpus, "sft_data": args.sft_data} if args.model
-                  else build_model(work, args.hidden, args.layers))  # fmt: skip
+                  else build_model(work, args.hidden, args.layers, args.shape, args.head_init, args.tiny_vocab))  # fmt: skip
         for stage in args.stages:
-            for way in args.ways:
+            for way in args.ways if stage != "stage2-4bit" else ["zhllama"]:
                 spec = {**inputs, "way": way, "stage": stage, "steps": args.steps, "batch_size": args.batch_size,
                         "block_size": args.block_size, "gradient_checkpointing": args.gradient_checkpointing,
                         "cache_dir": str(work / "cache"), "peak_tflops": args.peak_tflops}  # fmt: skip
                 done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True, text=True)
                 lines = [l for l in done.stdout.splitlines() if l.startswith("BENCH_RESULT ")]
+                if stage == "stage2-4bit" and not cuda:
+                    refusal = [l for l in done.stderr.splitlines() if l.startswith("zhllama: error: --load-in-4bit needs a CUDA GPU")]
+                    if done.returncode == 0 or len(refusal) != 1:
+                        raise SystemExit(f"stage2-4bit on CPU was not refused in one line:\n{done.stderr[-3000:]}")
+                    rows.append({"way": way, "stage": stage, "refused": refusal[0]})
+                    print(f"{stage} {way}: refused on CPU, as it must be: {refusal[0]}", file=sys.stderr, flush=True)
+                    continue
                 if done.returncode != 0 or not lines:
                     raise SystemExit(f"{way} {stage} failed:\n{done.stderr[-3000:]}")
                 rows.append(json.loads(lines[-1].removeprefix("BENCH_RESULT ")))
+                for line in done.stdout.splitlines():
+                    if line.startswith("acceleration: "):
+                        print(f"{stage} {way}: {line}", file=sys.stderr, flush=True)
                 print(f"{stage} {way}: {rows[-1]}", file=sys.stderr, flush=True)
     print(table(rows))
-    settings = {k: getattr(args, k) for k in ("hidden", "layers", "steps", "batch_size", "block_size", "gradient_checkpointing", "model")}
+    settings = {k: getattr(args, k) for k in ("shape", "hidden", "layers", "steps", "batch_size", "block_size", "gradient_checkpointing", "model", "head_init")}
+    settings["extend_s"] = inputs.get("extend_s")
+    if "extend_s" in inputs:
+        print(f"extend --head-init {args.head_init}: {inputs['extend_s']} s")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n", encoding="utf-8")
 
