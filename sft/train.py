@@ -175,7 +175,11 @@ def sft_chain(options: SFTOptions, training=None) -> dict:
     check_output_target(options.out, options.overwrite)
     # precision, attention kernel, checkpointing, 4-bit (zhllama/accel.py)
     acceleration = choose_acceleration(
-        read_model_config(options.model), training, attention=options.attention, load_in_4bit=options.load_in_4bit
+        read_model_config(options.model),
+        training,
+        attention=options.attention,
+        load_in_4bit=options.load_in_4bit,
+        packed_rows=options.packing,
     )
     training_args = build_training_arguments(options.out, training, acceleration.defaults(sft_training_defaults(options)))
     template = get_template(options.template)

@@ -57,6 +57,10 @@ def test_flash_attention_when_installed_on_a_gpu_in_half_precision(monkeypatch):
     assert choose_acceleration(LLAMA2_7B, {"bf16": False}, device=H200).attention == "sdpa"  # fp32: no flash
     assert choose_acceleration(LLAMA2_7B, {}, device=V100).precision == "fp32"  # no bf16 on a V100
     assert choose_acceleration(LLAMA2_7B, {"fp16": True}, device=V100).attention == "flash_attention_2"
+    packed = choose_acceleration(LLAMA2_7B, {}, packed_rows=True, device=H200)  # sft --packing: rows of several samples
+    assert packed.attention == "sdpa" and "packed rows need SDPA's mask" in packed.line
+    with pytest.raises(ZhllamaError, match="use --attention sdpa with --packing"):
+        choose_acceleration(LLAMA2_7B, {}, attention="flash_attention_2", packed_rows=True, device=H200)
 
 
 def test_the_users_flags_win():

@@ -172,14 +172,22 @@ def bitsandbytes_installed() -> bool:
 
 
 def choose_acceleration(
-    config, training=None, *, attention: str = "auto", load_in_4bit: bool = False, device: Device | None = None
+    config,
+    training=None,
+    *,
+    attention: str = "auto",
+    load_in_4bit: bool = False,
+    packed_rows: bool = False,
+    device: Device | None = None,
 ) -> Acceleration:
     """Decide precision, attention kernel, gradient checkpointing and 4-bit loading for a run.
 
     ``config``: the model's config (``config.json`` as a dict, or a ``PretrainedConfig``).
     ``training``: the TrainingArguments values the user chose (the stage function's ``training``:
     a dict, a ``TrainingArguments`` or None); whatever they set is kept. ``device`` defaults to
-    the one the Trainer will use. Raises :class:`ZhllamaError` for a choice this machine cannot run.
+    the one the Trainer will use. ``packed_rows``: batches of several rows whose ``position_ids``
+    restart inside a row (``sft --packing``); transformers' flash-attention reads such restarts
+    only in a batch of one row, so they get SDPA. Raises :class:`ZhllamaError` for a choice this machine cannot run.
     """
     given = given_values(training)
     device = device or Device.detect(bool(given.get("use_cpu")))
@@ -198,13 +206,22 @@ def choose_acceleration(
 
     flash = flash_attention_installed()
     if attention == "auto":
-        if flash and device.type == "cuda" and precision != "fp32":
+        if flash and device.type == "cuda" and precision != "fp32" and not packed_rows:
             attention, reasons["attention"] = "flash_attention_2", "auto: flash_attn installed"
         else:
-            why = "flash_attn not installed" if not flash else "flash-attention needs a CUDA GPU and bf16/fp16"
+            why = (
+                "flash_attn not installed" if not flash
+                else "packed rows need SDPA's mask" if packed_rows
+                else "flash-attention needs a CUDA GPU and bf16/fp16"
+            )  # fmt: skip
             attention, reasons["attention"] = "sdpa", f"auto: {why}"
     else:
         reasons["attention"] = "as asked"
+        if attention == "flash_attention_2" and packed_rows:
+            raise ZhllamaError(
+                "--attention flash_attention_2 would attend across the samples of a packed row (transformers reads "
+                "the restarts only in one-row batches); use --attention sdpa with --packing"
+            )
         if attention == "flash_attention_2" and not (flash and device.type == "cuda"):
             raise ZhllamaError(
                 "--attention flash_attention_2 needs a CUDA GPU and the flash-attn package "
