@@ -195,10 +195,14 @@ def worker(spec: dict) -> dict:
     import torch
 
     if torch.cuda.is_available() and result["tokens_per_second"]:
+        from zhllama.accel import estimate_parameters, read_model_config
+
+        # the model's own parameters (a 4-bit layer's packed storage would count half of them)
+        parameters = estimate_parameters(read_model_config(spec["model"]))
         peak = spec.get("peak_tflops") or peak_tflops(torch.cuda.get_device_name(0))
         result["device"] = torch.cuda.get_device_name(0)
         if peak:
-            result["mfu"] = round(6 * total * result["tokens_per_second"] / (peak * 1e12), 4)
+            result["mfu"] = round(6 * parameters * result["tokens_per_second"] / (peak * 1e12), 4)
     return result
 
 

@@ -146,7 +146,10 @@ class Acceleration:
         # from the attention mask (transformers checks packing only without a cache)
         model.config.use_cache = False
         if self.load_in_4bit:
-            model = quantize_4bit(model, device=self.device.type)
+            import os
+
+            # each process of a multi-GPU run quantises onto its own GPU
+            model = quantize_4bit(model, device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         return model
 
     @property
