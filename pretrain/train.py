@@ -169,6 +169,7 @@ def pretrain_chain(options: PretrainOptions, training=None) -> Path:
             figures=figures,
             chain=chain.describe(),
             data=data_info,
+            acceleration=acceleration.describe(),
             training_arguments=training_args.to_dict(),
         )
     if training_args.process_index == 0:

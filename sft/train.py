@@ -247,6 +247,7 @@ def sft_chain(options: SFTOptions, training=None) -> dict:
             figures=figures,
             template=template.name,
             chain=chain.describe(),
+            acceleration=acceleration.describe(),
         )
     print(f"wrote {options.out} (template {template.name})")
     return figures

@@ -138,6 +138,7 @@ def test_pretrain_no_cross_document_attention_end_to_end(tmp_path, merged_tokeni
     run([*argv, "--out", tmp_path / "s1", "--no-cross-document-attention"])
     written = manifest(tmp_path / "s1")
     assert written["options"]["cross_document_attention"] is False and written["figures"]["global_step"] == 3
+    assert written["acceleration"]["attention"] == "sdpa" and written["acceleration"]["line"].startswith("acceleration: cpu")
     assert collated and set(collated) == {8}  # every training batch went through the document collator
     assert "acceleration: cpu" in capsys.readouterr().out
 

@@ -152,6 +152,17 @@ class Acceleration:
             model = quantize_4bit(model, device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         return model
 
+    def describe(self) -> dict:
+        """What ``zhllama.json`` records of the choice."""
+        return {
+            "device": self.device.name if self.device.type == "cuda" else "cpu",
+            "precision": self.precision,
+            "attention": self.attention,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "load_in_4bit": self.load_in_4bit,
+            "line": self.line,
+        }
+
     @property
     def line(self) -> str:
         """One line saying what was chosen and why."""
