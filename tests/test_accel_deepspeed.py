@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.mark.slow  # importing deepspeed alone takes ~10-30 s
+@pytest.mark.slow  # importing deepspeed alone is slow
 @pytest.mark.parametrize("name, stage", [("deepspeed-zero2.yaml", 2), ("deepspeed-zero3.yaml", 3)])
 def test_recipe_configs_parse_with_deepspeed(name, stage, tmp_path):
     pytest.importorskip("deepspeed", reason="deepspeed not installed (pip install -e .[test] installs it)")

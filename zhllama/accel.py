@@ -41,7 +41,7 @@ from zhllama.errors import ZhllamaError
 from zhllama.options import option
 
 ATTENTION_CHOICES = ("auto", "sdpa", "flash_attention_2", "eager")
-# activations, not weights, fill the GPU above this size (7B at 512 tokens x 8 rows: ~30 GB without)
+# above this size activations, not weights, are what no longer fit a single GPU
 CHECKPOINTING_ABOVE = 1_000_000_000
 FOUR_BIT_SKIP = ("lm_head",)  # stays a full-precision matrix: its rows train (trainable tokens)
 
