@@ -17,11 +17,14 @@ The flow: load chain → build blocks → wrap with peft → Trainer → save ad
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from zhllama.accel import AccelArgs, choose_acceleration, read_model_config
 from zhllama.args import ChainArgs, CorpusArgs, LoraArgs, OutputArgs
 from zhllama.chain import check_block_size
 from zhllama.corpus import named_corpus
@@ -31,8 +34,10 @@ from zhllama.options import at_least, option
 from zhllama.outdir import check_output_target
 from zhllama.provenance import write_manifest
 from zhllama.pretrain.data import build_blocks, collate_blocks, stream_blocks
+from zhllama.pretrain.packing import PackingArgs, block_collator
 from zhllama.training import (
     EMBEDDING_CHOICES,
+    TRAINING_DEFAULTS,
     build_peft_model,
     build_training_arguments,
     checkpoint_dir_for,
@@ -45,7 +50,7 @@ UNNAMED_VALIDATION = "validation"
 
 
 @dataclass(kw_only=True)
-class PretrainOptions(ChainArgs, CorpusArgs, LoraArgs, OutputArgs, MixArgs):
+class PretrainOptions(ChainArgs, CorpusArgs, LoraArgs, OutputArgs, MixArgs, AccelArgs, PackingArgs):
     stage: int = option(help="1: train the new embedding/LM-head rows only; 2: LoRA plus those rows", choices=(1, 2))
     data: list[str] = option(help="training corpora (files, directories or globs); with --data-weights each is one source")
     validation_data: list[str] = option(
@@ -105,8 +110,12 @@ class PretrainData:
     mix: MixReport | None = None
     counter: SourceCounter | None = None  # streaming mixes: counts what training draws
 
-    def collator(self):
-        return self.counter or collate_blocks
+    def collator(self, blocks_collator):
+        """``blocks_collator``, wrapped to count sources when a streaming mix needs it."""
+        if self.counter is None:
+            return blocks_collator
+        self.counter.collator = blocks_collator
+        return self.counter
 
 
 def mixed_tokens_per_character(blocks, per_source: list[float]) -> float:
@@ -212,12 +221,18 @@ def pretrain_chain(options: PretrainOptions, training=None) -> PretrainResult:
     ``training``: the TrainingArguments values chosen (a dict, a ``TrainingArguments`` or None),
     on top of :data:`zhllama.training.TRAINING_DEFAULTS`."""
     check_output_target(options.out, options.overwrite)
-    training_args = build_training_arguments(options.out, training)
-    training_args = build_training_arguments(options.out, training)
+    check_block_size(options.model, options.block_size)
+    # precision, attention kernel, checkpointing, 4-bit (zhllama/accel.py)
+    acceleration = choose_acceleration(
+        read_model_config(options.model), training, attention=options.attention, load_in_4bit=options.load_in_4bit
+    )
+    training_args = build_training_arguments(options.out, training, acceleration.defaults(TRAINING_DEFAULTS))
     if options.streaming and training_args.max_steps <= 0:
         raise ZhllamaError("--streaming has no length to count epochs from; pass --max-steps N")
-    check_block_size(options.model, options.block_size)
-    chain = options.load()
+    chain = options.load(dtype=acceleration.load_dtype(options.dtype))
+    chain.model = acceleration.prepare(chain.model)
+    if training_args.process_index == 0:
+        print(acceleration.line, file=sys.stderr, flush=True)
 
     data = load_data(options, chain, training_args)
     model = build_peft_model(
@@ -235,7 +250,9 @@ def pretrain_chain(options: PretrainOptions, training=None) -> PretrainResult:
             eval_dataset=data.validation,
             eval_name=UNNAMED_VALIDATION,
             tokens_per_character=data.tokens_per_character,
-            data_collator=data.collator(),
+            data_collator=data.collator(
+                block_collator(chain.tokenizer, cross_document_attention=options.cross_document_attention, attention=acceleration.attention)
+            ),
             training_args=training_args,
             out_dir=out_dir,
             checkpoint_dir=checkpoint_dir_for(options.out),
@@ -252,6 +269,7 @@ def pretrain_chain(options: PretrainOptions, training=None) -> PretrainResult:
             figures=figures,
             chain=chain.describe(),
             data=data.info,
+            acceleration=acceleration.describe(),
             training_arguments=training_args.to_dict(),
         )
     return PretrainResult(options.out, options.stage, figures, data.mix)

@@ -19,11 +19,14 @@ batch 8, 256 tokens).
 
 from __future__ import annotations
 
+import sys
+
 import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zhllama.accel import AccelArgs, choose_acceleration, read_model_config
 from zhllama.args import ChainArgs, LoraArgs, OutputArgs
 from zhllama.errors import ZhllamaError
 from zhllama.mixing import SOURCE_COLUMN, MixArgs, MixReport, count_sources, mix
@@ -44,7 +47,7 @@ from zhllama.training import (
 
 
 @dataclass(kw_only=True)
-class SFTOptions(ChainArgs, LoraArgs, OutputArgs, MixArgs):
+class SFTOptions(ChainArgs, LoraArgs, OutputArgs, MixArgs, AccelArgs):
     data: list[Path] = option(
         help="instruction data: Alpaca, ShareGPT or OpenAI-style records, .json or .jsonl; with --data-weights each file is one source"
     )
@@ -233,9 +236,20 @@ def sft_chain(options: SFTOptions, training=None) -> SFTResult:
     on top of :func:`sft_training_defaults`.
     """
     check_output_target(options.out, options.overwrite)  # before the model loads
-    training_args = build_training_arguments(options.out, training, sft_training_defaults(options))
+    # precision, attention kernel, checkpointing, 4-bit (zhllama/accel.py)
+    acceleration = choose_acceleration(
+        read_model_config(options.model),
+        training,
+        attention=options.attention,
+        load_in_4bit=options.load_in_4bit,
+        packed_rows=options.packing,
+    )
+    training_args = build_training_arguments(options.out, training, acceleration.defaults(sft_training_defaults(options)))
     template = get_template(options.template)
-    chain = options.load()
+    chain = options.load(dtype=acceleration.load_dtype(options.dtype))
+    chain.model = acceleration.prepare(chain.model)
+    if training_args.process_index == 0:
+        print(acceleration.line, file=sys.stderr, flush=True)
     data = build_sft_data(
         options.data,
         template,
@@ -287,5 +301,6 @@ def sft_chain(options: SFTOptions, training=None) -> SFTResult:
             figures=figures,
             template=template.name,
             chain=chain.describe(),
+            acceleration=acceleration.describe(),
         )
     return SFTResult(options.out, template.name, figures, data.report, options.max_seq_length, packed_rows, data.mix)

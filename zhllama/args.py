@@ -83,11 +83,12 @@ class ChainArgs(Options):
     def problems(self) -> list[str]:
         return [] if self.dtype in DTYPES else [f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})"]
 
-    def load(self):
-        """The loaded chain (:class:`zhllama.chain.ModelChain`): weights with every adapter applied."""
+    def load(self, dtype: str | None = None):
+        """The loaded chain (:class:`zhllama.chain.ModelChain`): weights with every adapter
+        applied, in ``--dtype`` unless ``dtype`` says otherwise (e.g. the training precision)."""
         from zhllama.chain import load_chain
 
-        return load_chain(self.model, self.adapter, dtype=self.dtype, allow_base_mismatch=self.allow_base_mismatch)
+        return load_chain(self.model, self.adapter, dtype=dtype or self.dtype, allow_base_mismatch=self.allow_base_mismatch)
 
 
 @dataclass(kw_only=True)
