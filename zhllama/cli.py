@@ -30,6 +30,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("zhllama.pretrain.cli", "evaluate", "perplexity and bits per character of a model chain on corpora"),
     "sft": ("zhllama.sft.cli", "sft", "instruction-tune a model chain with LoRA"),
     "chat": ("zhllama.sft.cli", "chat", "chat with (or complete text from) a model chain"),
+    "dpo": ("zhllama.preference.cli", "dpo", "preference-tune a model chain with DPO (LoRA; reference = the chain without it)"),
+    "rm": ("zhllama.preference.cli", "rm", "train a reward model (score head + LoRA) on preference pairs"),
+    "rm score": ("zhllama.preference.cli", "rm_score", "write the reward of each response in a data file (JSONL)"),
     "merge": ("zhllama.merge.cli", "merge", "bake an adapter chain into one checkpoint, shard by shard"),
     "export gguf": ("zhllama.merge.cli", "export_gguf", "export a merged LLaMA checkpoint to GGUF for llama.cpp"),
     "demo": ("zhllama.demo", "demo", "run the whole pipeline on a built-in tiny default"),
@@ -159,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         name, rest = _split_command(argv)
-        run_command(name, rest)
+        result = run_command(name, rest)
+        if hasattr(result, "summary") and os.environ.get("RANK", "0") == "0":
+            print(result.summary())
     except ZhllamaError as e:
         print(f"zhllama: error: {e}", file=sys.stderr)
         return 1

@@ -116,23 +116,21 @@ def linear_module_names(model) -> set[str]:
     }
 
 
-def build_peft_model(
+def peft_config(
     model,
     *,
     new_token_ids: Sequence[int],
     lora: LoraSettings | None,
     train_embeddings: TrainEmbeddings = "new",
-    seed: int | None = None,
+    task_type: str = "CAUSAL_LM",
 ):
-    """Wrap ``model`` with peft so that exactly the parameters of one training stage train.
+    """The peft config under which exactly the parameters of one training stage train.
 
     ``lora=None``: only embedding rows (stage 1). Otherwise LoRA on ``lora.target`` plus the
-    embedding rows chosen by ``train_embeddings`` (stage 2, SFT). Pass ``seed`` (e.g.
-    ``training_args.seed``) so LoRA's random initialisation, which happens here and not in the
-    Trainer, is reproducible. Raises :class:`ZhllamaError`
-    when nothing would train or a LoRA target does not exist in the model.
+    embedding rows chosen by ``train_embeddings`` (stage 2, SFT, DPO). Raises
+    :class:`ZhllamaError` when nothing would train or a LoRA target does not exist in the model.
     """
-    from peft import LoraConfig, TrainableTokensConfig, get_peft_model
+    from peft import LoraConfig, TrainableTokensConfig
 
     if train_embeddings not in EMBEDDING_CHOICES:
         raise ZhllamaError(f"--train-embeddings must be one of {', '.join(EMBEDDING_CHOICES)} (got {train_embeddings!r})")
@@ -153,22 +151,39 @@ def build_peft_model(
                 "nothing to train: the model has no new rows (was it made by 'zhllama extend'?); "
                 "pass --train-embeddings all, or use stage 2 (LoRA)"
             )
-        config = TrainableTokensConfig(target_modules=embeddings, token_indices=token_ids)
-    else:
-        available = linear_module_names(model)
-        unknown = sorted(set(lora.target) - available)
-        if unknown:
-            raise ZhllamaError(
-                f"unknown --lora-target {', '.join(unknown)}; this model's linear layers are {', '.join(sorted(available))}"
-            )
-        config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=list(lora.target),
-            trainable_token_indices={name: token_ids for name in embeddings} if token_ids else None,
-            task_type="CAUSAL_LM",
+        return TrainableTokensConfig(target_modules=embeddings, token_indices=token_ids)
+    available = linear_module_names(model)
+    unknown = sorted(set(lora.target) - available)
+    if unknown:
+        raise ZhllamaError(
+            f"unknown --lora-target {', '.join(unknown)}; this model's linear layers are {', '.join(sorted(available))}"
         )
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target),
+        trainable_token_indices={name: token_ids for name in embeddings} if token_ids else None,
+        task_type=task_type,
+    )
+
+
+def build_peft_model(
+    model,
+    *,
+    new_token_ids: Sequence[int],
+    lora: LoraSettings | None,
+    train_embeddings: TrainEmbeddings = "new",
+    seed: int | None = None,
+):
+    """Wrap ``model`` with peft under :func:`peft_config` (same arguments).
+
+    Pass ``seed`` (e.g. ``training_args.seed``) so LoRA's random initialisation, which happens
+    here and not in the Trainer, is reproducible.
+    """
+    from peft import get_peft_model
+
+    config = peft_config(model, new_token_ids=new_token_ids, lora=lora, train_embeddings=train_embeddings)
     if seed is not None:
         from transformers import set_seed
 
@@ -274,7 +289,9 @@ def read_metrics(path: Path) -> list[dict]:
     return [latest[key] for key in sorted(latest)]
 
 
-def plot_loss(entries: list[dict], path: Path) -> None:
+def plot_loss(entries: list[dict], path: Path, extra_keys: Sequence[str] = ()) -> None:
+    """Training and validation loss by step; ``extra_keys`` (logged metrics such as DPO's
+    ``rewards/margins``, with their ``eval_`` twins) get a second panel below."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,7 +299,18 @@ def plot_loss(entries: list[dict], path: Path) -> None:
 
     train = [(e["step"], e["loss"]) for e in entries if "loss" in e]
     evals = [(e["step"], e["eval_loss"]) for e in entries if "eval_loss" in e]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    if extra_keys:
+        fig, (ax, extra) = plt.subplots(2, 1, figsize=(6, 7), sharex=True)
+        for key in extra_keys:
+            for name, style in ((key, "-"), ("eval_" + key, "o--")):
+                points = [(e["step"], e[name]) for e in entries if name in e]
+                if points:
+                    extra.plot(*zip(*points), style, label=name)
+        extra.set_xlabel("step")
+        extra.legend(fontsize="small")
+        extra.grid(alpha=0.3)
+    else:
+        fig, ax = plt.subplots(figsize=(6, 4))
     if train:
         ax.plot(*zip(*train), label="train loss")
     if evals:
@@ -296,12 +324,12 @@ def plot_loss(entries: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def finish_metrics(source: Path, out_dir: Path) -> list[dict]:
+def finish_metrics(source: Path, out_dir: Path, extra_keys: Sequence[str] = ()) -> list[dict]:
     entries = read_metrics(source)
     with open(out_dir / "metrics.jsonl", "w", encoding="utf-8") as fh:
         for entry in entries:
             fh.write(json.dumps(entry) + "\n")
-    plot_loss(entries, out_dir / "loss.png")
+    plot_loss(entries, out_dir / "loss.png", extra_keys)
     return entries
 
 
@@ -370,8 +398,16 @@ def train(
     out_dir: str | Path,
     checkpoint_dir: str | Path,
     tokenizer_dir: str | Path | None = None,
+    trainer_class: type | None = None,
+    trainer_kwargs: dict | None = None,
+    plot_keys: Sequence[str] = (),
 ) -> dict:
     """Train a peft-wrapped ``model`` with ``transformers.Trainer`` and save the adapter to ``out_dir``.
+
+    ``trainer_class`` (default :class:`AdapterTrainer`) may be a subclass of it that also
+    derives from another Trainer (trl's ``DPOTrainer``); ``trainer_kwargs`` go to its
+    constructor (e.g. ``peft_config``, when that trainer wraps the model itself), and
+    ``plot_keys`` are logged metrics drawn under the loss in ``loss.png``.
 
     ``out_dir`` is the (temporary) output directory; ``checkpoint_dir`` (see
     :func:`checkpoint_dir_for`) receives the Trainer checkpoints and the running metrics log
@@ -393,8 +429,7 @@ def train(
     if resume is None and training_args.process_index == 0 and metrics_path.exists():
         metrics_path.unlink()  # a fresh run does not continue an old log
 
-    trainable, total = parameter_counts(model)
-    trainer = AdapterTrainer(
+    trainer = (trainer_class or AdapterTrainer)(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -403,7 +438,10 @@ def train(
         data_collator=data_collator or default_data_collator,
         processing_class=tokenizer,
         callbacks=[MetricsLogger(metrics_path)],
+        **(trainer_kwargs or {}),
     )
+    model = trainer.model  # the peft model, also when the trainer wrapped it
+    trainable, total = parameter_counts(model)
     result = trainer.train(resume_from_checkpoint=resume)
     figures: dict = {
         "trainable_params": trainable,
@@ -422,7 +460,7 @@ def train(
         copy_files(TOKENIZER_FILES, tokenizer_dir, out_dir)
     else:
         tokenizer.save_pretrained(str(out_dir))
-    entries = finish_metrics(metrics_path, out_dir)
+    entries = finish_metrics(metrics_path, out_dir, plot_keys)
     before = [e["eval_loss"] for e in entries if e["step"] == 0 and "eval_loss" in e]
     if before:
         figures["eval_loss_before"] = before[0]
