@@ -154,7 +154,7 @@ def check_template_tokens(tokenizer, tokenizer_dir) -> None:
         )
 
 
-def _split_last_answer(conversation: Conversation, template: Template, tokenizer) -> tuple[list[int], list[int]]:
+def split_last_answer(conversation: Conversation, template: Template, tokenizer) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids): the answer is the last turn's response and its EOS."""
     ids, labels, turn_ends = tokenize_conversation(conversation, template, tokenizer)
     begin = turn_ends[-2] if len(turn_ends) > 1 else 0
@@ -164,8 +164,8 @@ def _split_last_answer(conversation: Conversation, template: Template, tokenizer
 
 def tokenize_pair(pair: PreferencePair, template: Template, tokenizer) -> dict:
     """``{"prompt_ids", "chosen_ids", "rejected_ids"}`` of one pair, untruncated."""
-    prompt, chosen = _split_last_answer(pair.conversation(pair.chosen), template, tokenizer)
-    prompt_again, rejected = _split_last_answer(pair.conversation(pair.rejected), template, tokenizer)
+    prompt, chosen = split_last_answer(pair.conversation(pair.chosen), template, tokenizer)
+    prompt_again, rejected = split_last_answer(pair.conversation(pair.rejected), template, tokenizer)
     # the templates end prompts on a piece boundary, so both prompts agree; if an answer's first
     # piece ever merged across it, the differing tail belongs to the answers
     shared = next((i for i, (a, b) in enumerate(zip(prompt, prompt_again)) if a != b), min(len(prompt), len(prompt_again)))
