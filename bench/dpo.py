@@ -51,7 +51,7 @@ def build_chain(work: Path, sft_steps: int) -> tuple[Path, Path]:
             "--out", work / "tokenizer", "--overwrite")  # fmt: skip
     zhllama("extend", "--model", ASSETS / "models" / "stories260K", "--tokenizer", work / "tokenizer", "--out", work / "extended", "--overwrite")
     zhllama("sft", "--model", work / "extended", "--data", ASSETS / "sft" / "alpaca_en_demo.json", "--template", "alpaca",
-            "--out", work / "sft", "--max-seq-length", 256, "--max-steps", sft_steps, "--learning-rate", "2e-3",
+            "--out", work / "sft", "--max-seq-length", 128, "--max-steps", sft_steps, "--learning-rate", "2e-3",
             "--logging-steps", max(1, sft_steps // 4), *TRAINING)  # fmt: skip
     return work / "extended", work / "sft"
 
@@ -67,8 +67,9 @@ def split_pairs(work: Path, held_out: int) -> tuple[Path, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="dpo and rm steps (batch 8)")
-    parser.add_argument("--sft-steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=40, help="dpo and rm steps (batch 8)")
+    parser.add_argument("--sft-steps", type=int, default=30)
+    parser.add_argument("--max-length", type=int, default=192, help="dpo/rm --max-length (prompts keep half)")
     parser.add_argument("--held-out", type=int, default=60, help="pairs held out of the 300")
     parser.add_argument("--dpo-lr", type=float, default=5e-4)
     parser.add_argument("--rm-lr", type=float, default=1e-3)
@@ -84,7 +85,7 @@ def main() -> None:
         extended, sft = build_chain(work, args.sft_steps)
         train, validation = split_pairs(work, args.held_out)
         common = ["--model", extended, "--adapter", sft, "--data", train, "--validation-data", validation, "--template", "alpaca",
-                  "--max-length", 256, "--max-prompt-length", 128, "--max-steps", args.steps,
+                  "--max-length", args.max_length, "--max-prompt-length", args.max_length // 2, "--max-steps", args.steps,
                   "--logging-steps", max(1, args.steps // 6), "--eval-strategy", "steps", "--eval-steps", max(1, args.steps // 2),
                   *TRAINING]  # fmt: skip
         phase = time.perf_counter()
@@ -106,7 +107,7 @@ def main() -> None:
         label = f"{split} ({dpo['after'][split]['reward']['pairs']})"
         print(f"{name:<26} {label:<11} {before['margin']:>+13.4f} {after['margin']:>+9.4f} {before['accuracy']:>16.1%} {after['accuracy']:>7.1%}")
     print(f"truncated: {dpo['data']['prompts_truncated']} prompts, {dpo['data']['answers_truncated']} answer pairs "
-          f"(--max-length 256); dpo {dpo_seconds:.0f}s, rm {rm_seconds:.0f}s, total {time.perf_counter() - started:.0f}s")  # fmt: skip
+          f"(--max-length {args.max_length}); dpo {dpo_seconds:.0f}s, rm {rm_seconds:.0f}s, total {time.perf_counter() - started:.0f}s")  # fmt: skip
     summary = {
         "args": {k: str(v) for k, v in vars(args).items()},
         "rows": [{"figure": n, "split": s, "before": b, "after": a} for n, s, b, a in rows],

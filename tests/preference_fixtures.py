@@ -8,15 +8,16 @@ from zhllama.tiny import chinese_number
 
 
 def preference_records(count: int, *, seed: int = 0) -> list[dict]:
-    """Arithmetic questions in Chinese: the chosen answer is right, the rejected one is off by a
-    few. Records cycle through trl strings, trl message lists (some multi-turn, with a system
+    """Arithmetic questions in Chinese: the chosen answer is right and plain, the rejected one is
+    off by a few and hedged ("大概是…吧"), a difference a tiny model can learn in a few steps.
+    Records cycle through trl strings, trl message lists (some multi-turn, with a system
     message) and LLaMA-Factory's ShareGPT preference format."""
     rng = random.Random(seed)
     records = []
     for i in range(count):
         a, b = rng.randint(1, 40), rng.randint(1, 40)
         question = f"{chinese_number(a)}加{chinese_number(b)}等于几？"
-        right, wrong = f"等于{chinese_number(a + b)}。", f"等于{chinese_number(a + b + rng.randint(1, 9))}。"
+        right, wrong = f"等于{chinese_number(a + b)}。", f"大概是{chinese_number(a + b + rng.randint(1, 9))}吧。"
         kind = i % 3
         if kind == 0:
             records.append({"prompt": question, "chosen": right, "rejected": wrong})

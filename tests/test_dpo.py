@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +158,48 @@ def test_loss_types_are_those_of_the_pinned_trl():
 
     help_text = next(f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type").metadata["help"]
     assert set(LOSS_TYPES) == set(re.findall(r"`'(\w+)'`", help_text.split("If multiple")[0]))
+
+
+# --------------------------------------------------------------------------- recipe 07
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def test_run_all_runs_07_only_when_pref_data_is_set(tmp_path):
+    """run_all.sh's loop, on stand-in step scripts that only say their name."""
+    shutil.copy(RECIPES / "run_all.sh", tmp_path / "run_all.sh")
+    for number in range(1, 8):
+        (tmp_path / f"0{number}_step.sh").write_text(f"echo ran-0{number}\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREF_DATA", "FROM")}
+    without = subprocess.run(["bash", str(tmp_path / "run_all.sh")], env=env, capture_output=True, text=True, check=True)
+    assert without.stdout.split() == [f"ran-0{n}" for n in range(1, 7)]
+    with_pairs = subprocess.run(["bash", str(tmp_path / "run_all.sh")], env={**env, "PREF_DATA": "pairs.json", "FROM": "6"},
+                                capture_output=True, text=True, check=True)  # fmt: skip
+    assert with_pairs.stdout.split() == ["ran-06", "ran-07"]
+
+
+def test_recipe_07_has_its_header_and_takes_settings_from_the_environment():
+    text = (RECIPES / "07_dpo.sh").read_text(encoding="utf-8")
+    subprocess.run(["bash", "-n", str(RECIPES / "07_dpo.sh")], check=True)
+    header = text.split("\nset -euo pipefail", 1)[0]
+    assert all(section in header for section in ("What it does:", "Prerequisites:", "Variables:"))
+    settings = re.findall(r'^: "\$\{(\w+)=', text, flags=re.M)
+    assert {"PREF_DATA", "DPO_BETA", "DPO_LOSS", "DPO_LR"} <= set(settings)
+    assert not set(re.findall(r"^(\w+)=", text, flags=re.M)) & set(settings)
+
+
+@pytest.mark.slow
+def test_recipe_07_on_the_tiny_chain(chain, pairs, tmp_path):
+    model_dir, adapters = chain
+    work = tmp_path / "run"
+    work.mkdir()
+    for name, target in zip(("extended", "stage1", "stage2", "sft"), (model_dir, *adapters)):
+        (work / name).symlink_to(target)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ZHLLAMA": f"{sys.executable} -m zhllama", "WORK": str(work),
+           "PREF_DATA": str(pairs[1]), "TEMPLATE": "alpaca", "PRECISION": "", "DPO_MAX_STEPS": "2", "DPO_BATCH_SIZE": "4",
+           "DPO_GRAD_ACCUM": "1", "DPO_LORA_R": "4", "DPO_LORA_ALPHA": "8", "DPO_MAX_LENGTH": "160", "DPO_MAX_PROMPT_LENGTH": "80",
+           "DTYPE": "float32", "TRAIN_EXTRA": "--save-strategy no --report-to none"}  # fmt: skip
+    result = subprocess.run(["bash", str(RECIPES / "07_dpo.sh")], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert manifest(work / "dpo")["command"] == "dpo" and manifest(work / "dpo")["options"]["lora_r"] == 4
+    assert manifest(work / "merged_dpo")["command"] == "merge"

@@ -26,7 +26,7 @@ def pairs(tmp_path_factory):
 def rm_dir(tmp_path_factory, tiny_model_dir, pairs):
     out = tmp_path_factory.mktemp("rm") / "adapter"
     argv = ["rm", "--model", str(tiny_model_dir), "--data", str(pairs[0]), "--validation-data", str(pairs[1]), "--template", "alpaca",
-            "--out", str(out), "--max-steps", "8", "--learning-rate", "1e-2", "--logging-steps", "2", *TRAINING]  # fmt: skip
+            "--out", str(out), "--max-steps", "12", "--learning-rate", "5e-3", "--logging-steps", "3", *TRAINING]  # fmt: skip
     torch.set_num_threads(1)
     assert main(argv) == 0
     return out
@@ -42,8 +42,8 @@ def test_rm_writes_a_sequence_classification_adapter(rm_dir):
     entries = [json.loads(line) for line in (rm_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert all({"accuracy", "margin"} <= e.keys() for e in entries if "loss" in e)
     figures = json.loads((rm_dir / "zhllama.json").read_text(encoding="utf-8"))["figures"]
-    assert figures["after"]["train"]["reward"]["margin"] > figures["before"]["train"]["reward"]["margin"] + 0.05
-    assert figures["after"]["train"]["reward"]["accuracy"] > 0.6
+    before, after = figures["before"]["train"]["reward"], figures["after"]["train"]["reward"]
+    assert abs(before["margin"]) < 0.1 and after["margin"] > 1.0 and after["accuracy"] > 0.9, (before, after)
 
 
 def test_rm_score_writes_the_rewards_the_summary_measured(rm_dir, tiny_model_dir, pairs, tmp_path):
