@@ -19,8 +19,8 @@ An empty or missing ``chosen`` / ``rejected`` is an error naming the file and re
 whose answers are identical carries no preference and is skipped and counted, as are records
 SFT would skip (roles that do not alternate, a special token in the text, ...). Pairs longer
 than ``--max-length`` are truncated prompt-first: the prompt keeps BOS and its last
-``--max-prompt-length`` tokens, then the answers are cut to fit; both are counted. A prompt
-that alone fills ``--max-length`` leaves no room for an answer and is an error.
+``--max-prompt-length`` tokens (also when it alone is longer than ``--max-length``: real
+multi-turn pairs often are), then the answers are cut to fit; both are counted.
 """
 
 from __future__ import annotations
@@ -172,14 +172,9 @@ def tokenize_pair(pair: PreferencePair, template: Template, tokenizer) -> dict:
     return {"prompt_ids": prompt[:shared], "chosen_ids": prompt[shared:] + chosen, "rejected_ids": prompt_again[shared:] + rejected}
 
 
-def fit_pair(row: dict, *, max_length: int, max_prompt_length: int, bos_id: int | None, where: str, report: PreferenceReport) -> dict:
+def fit_pair(row: dict, *, max_length: int, max_prompt_length: int, bos_id: int | None, report: PreferenceReport) -> dict:
     """Truncate prompt-first so prompt + the longer answer fit ``max_length`` tokens."""
     prompt, chosen, rejected = row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]
-    if len(prompt) >= max_length:
-        raise ZhllamaError(
-            f"{where}: the prompt is {len(prompt)} tokens, which leaves no room for an answer within "
-            f"--max-length {max_length}; raise --max-length or shorten that record's prompt"
-        )
     if len(prompt) + max(len(chosen), len(rejected)) <= max_length:
         return row
     if len(prompt) > max_prompt_length:
@@ -211,8 +206,7 @@ def tokenize_pairs(
             report.skip("text contains a special token (" + "/".join(specials) + ")", pair.source)
             continue
         row = tokenize_pair(pair, template, tokenizer)
-        rows.append(fit_pair(row, max_length=max_length, max_prompt_length=max_prompt_length, bos_id=tokenizer.bos_token_id,
-                             where=pair.source, report=report))  # fmt: skip
+        rows.append(fit_pair(row, max_length=max_length, max_prompt_length=max_prompt_length, bos_id=tokenizer.bos_token_id, report=report))
     report.pairs += len(rows)
     return rows
 

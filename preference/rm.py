@@ -170,6 +170,8 @@ class RMScoreOptions(ChainArgs):
         if self.template is not None and self.template not in TEMPLATES:
             found.append(f"unknown template '{self.template}'; known templates: {', '.join(TEMPLATES)}")
         at_least(found, "--max-length", self.max_length, 8)
+        if not 1 <= self.max_prompt_length < self.max_length:
+            found.append(f"--max-prompt-length ({self.max_prompt_length}) must be between 1 and --max-length ({self.max_length})")
         at_least(found, "--batch-size", self.batch_size, 1)
         found += [f"--data {p}: no such file" for p in self.data if not p.is_file()]
         return found
@@ -210,8 +212,7 @@ def _score_rows(record: object, where: str, template, tokenizer, options, report
         conversation = conversation_from_record(record, where)
         prompt, answer = split_last_answer(conversation, template, tokenizer)
         row, keys = {"prompt_ids": prompt, "chosen_ids": answer, "rejected_ids": answer}, ["reward"]
-    row = fit_pair(row, max_length=options.max_length, max_prompt_length=options.max_prompt_length,
-                   bos_id=tokenizer.bos_token_id, where=where, report=report)  # fmt: skip
+    row = fit_pair(row, max_length=options.max_length, max_prompt_length=options.max_prompt_length, bos_id=tokenizer.bos_token_id, report=report)
     sequences = [row["prompt_ids"] + row["chosen_ids"], row["prompt_ids"] + row["rejected_ids"]]
     return sequences[: len(keys)], keys
 

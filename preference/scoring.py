@@ -2,14 +2,13 @@
 implicit reward, and reward-model scores, each with its margin and pair accuracy.
 
 DPO's implicit reward of an answer y to prompt x is ``beta * (log pi(y|x) - log pi_ref(y|x))``
-(Rafailov et al. 2023, eq. 5), summed over the answer's tokens. With a peft policy the
-reference is the same model with its adapters disabled, so no second copy of the weights is
-needed. A pair counts as accurate when the chosen answer scores strictly higher.
+(Rafailov et al. 2023, eq. 5), summed over the answer's tokens: ``zhllama dpo`` measures
+``log pi_ref`` on the chain before training (the reference is that chain) and ``log pi`` on
+the same model after. A pair counts as accurate when the chosen answer scores strictly higher.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -74,17 +73,6 @@ def answer_logps(model, rows: Sequence[dict], *, pad_id: int, batch_size: int = 
                 answer[i, len(row["prompt_ids"]) : len(sequences[i])] = 1
             into.append((token_logps * answer[:, 1:]).sum(dim=1).cpu())
     return torch.cat(chosen), torch.cat(rejected)
-
-
-def dpo_figures(peft_model, rows: Sequence[dict], *, beta: float, pad_id: int, batch_size: int = 8) -> dict:
-    """The implicit-reward figures of ``rows`` under a peft policy (reference: adapters disabled),
-    and the policy's own log-probability preference."""
-    policy = answer_logps(peft_model, rows, pad_id=pad_id, batch_size=batch_size)
-    disabled = peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else nullcontext()
-    with disabled:
-        reference = answer_logps(peft_model, rows, pad_id=pad_id, batch_size=batch_size)
-    rewards = [beta * (p - r) for p, r in zip(policy, reference)]
-    return {"reward": PairFigures.of(*rewards).as_dict(), "logp": PairFigures.of(*policy).as_dict()}
 
 
 @torch.no_grad()

@@ -11,7 +11,15 @@ from preference_fixtures import preference_records
 
 from zhllama.cli import main
 from zhllama.errors import ZhllamaError
-from zhllama.preference.data import IDENTICAL, PreferenceReport, check_template_tokens, fit_pair, read_pairs, tokenize_pair
+from zhllama.preference.data import (
+    IDENTICAL,
+    PreferenceReport,
+    check_template_tokens,
+    fit_pair,
+    read_pairs,
+    tokenize_pair,
+    tokenize_pairs,
+)
 from zhllama.sft.data import Conversation, Turn, tokenize_conversation
 from zhllama.sft.templates import get_template
 
@@ -76,15 +84,16 @@ def test_missing_or_empty_answer_names_file_and_record(tmp_path, broken, message
 def test_truncation_is_prompt_first_and_counted():
     report = PreferenceReport()
     row = {"prompt_ids": [1, *range(10, 30)], "chosen_ids": list(range(40, 50)), "rejected_ids": list(range(50, 54))}
-    cut = fit_pair(row, max_length=24, max_prompt_length=8, bos_id=1, where="f record 1", report=report)
+    cut = fit_pair(row, max_length=24, max_prompt_length=8, bos_id=1, report=report)
     assert cut["prompt_ids"] == [1, *range(23, 30)] and cut["chosen_ids"] == row["chosen_ids"] and cut["rejected_ids"] == row["rejected_ids"]
     assert (report.prompts_truncated, report.answers_truncated) == (1, 0)
     short = {**row, "prompt_ids": [1, 10, 11, 12, 13]}
-    cut = fit_pair(short, max_length=12, max_prompt_length=8, bos_id=1, where="f record 1", report=report)
+    cut = fit_pair(short, max_length=12, max_prompt_length=8, bos_id=1, report=report)
     assert cut["prompt_ids"] == short["prompt_ids"] and cut["chosen_ids"] == list(range(40, 47)) and cut["rejected_ids"] == row["rejected_ids"]
     assert (report.prompts_truncated, report.answers_truncated) == (1, 1)
-    with pytest.raises(ZhllamaError, match="f record 1: the prompt is 21 tokens.*--max-length 21"):
-        fit_pair(row, max_length=21, max_prompt_length=8, bos_id=1, where="f record 1", report=report)
+    cut = fit_pair(row, max_length=16, max_prompt_length=8, bos_id=1, report=report)  # a prompt longer than --max-length
+    assert cut["prompt_ids"] == [1, *range(23, 30)] and cut["chosen_ids"] == list(range(40, 48)) and cut["rejected_ids"] == row["rejected_ids"]
+    assert (report.prompts_truncated, report.answers_truncated) == (2, 2)
 
 
 def test_tokenizer_without_template_tokens_is_refused():
@@ -98,15 +107,14 @@ def one_line_error(capsys) -> str:
     return lines[0]
 
 
-def test_long_prompt_fails_naming_the_record_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
-    records = preference_records(3)
-    records[1] = {"prompt": "很长的问题" * 200, "chosen": "好。", "rejected": "不好。"}
-    out = tmp_path / "dpo"
-    argv = ["dpo", "--model", str(tiny_model_dir), "--data", str(write(tmp_path, records)), "--template", "alpaca", "--out", str(out),
-            "--max-length", "300", "--max-prompt-length", "150"]
-    assert main(argv) == 1
-    assert "pairs.json record 2: the prompt is" in one_line_error(capsys)
-    assert not out.exists() and not list(tmp_path.glob("dpo*.tmp*"))
+def test_a_long_multi_turn_prompt_keeps_bos_and_its_end(tmp_path, tokenizer):
+    records = [{"prompt": [{"role": "user", "content": "很长的问题" * 200}, {"role": "assistant", "content": "好的。"},
+                           {"role": "user", "content": "最后的问题"}], "chosen": "好。", "rejected": "不好。"}]  # fmt: skip
+    report = PreferenceReport()
+    (row,) = tokenize_pairs(read_pairs([write(tmp_path, records)]), get_template("alpaca"), tokenizer,
+                            max_length=300, max_prompt_length=150, report=report)  # fmt: skip
+    assert len(row["prompt_ids"]) == 150 and row["prompt_ids"][0] == tokenizer.bos_token_id
+    assert "最后的问题" in tokenizer.decode(row["prompt_ids"]) and report.prompts_truncated == 1 and report.answers_truncated == 0
 
 
 def test_bad_options_are_one_line(tiny_model_dir, tmp_path, capsys):
@@ -114,6 +122,9 @@ def test_bad_options_are_one_line(tiny_model_dir, tmp_path, capsys):
     base = ["dpo", "--model", str(tiny_model_dir), "--data", str(data), "--template", "alpaca", "--out", str(tmp_path / "o")]
     assert main([*base, "--loss-type", "kto"]) == 1
     assert "--loss-type" in one_line_error(capsys)
+    assert main([*base, "--max-length", "64"]) == 1
+    assert "--max-prompt-length (256) must be below --max-length (64)" in one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
     from zhllama.preference.dpo import DPOOptions
 
     with pytest.raises(ZhllamaError, match="unknown --loss-type 'kto'.*--beta must be positive"):
