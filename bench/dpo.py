@@ -102,10 +102,10 @@ def main() -> None:
         rows.append(("dpo implicit reward", split, zero, dpo["after"][split]["reward"]))
         rows.append(("dpo log-prob preference", split, dpo["before"][split]["logp"], dpo["after"][split]["logp"]))
         rows.append(("rm reward", split, rm["before"][split]["reward"], rm["after"][split]["reward"]))
-    print(f"\n{'figure':<26} {'pairs':<11} {'margin before':>13} {'after':>9} {'accuracy before':>16} {'after':>7}")
+    print(f"\n{'figure':<26} {'pairs':<15} {'margin before':>13} {'after':>9} {'accuracy before':>16} {'after':>7}")
     for name, split, before, after in rows:
         label = f"{split} ({dpo['after'][split]['reward']['pairs']})"
-        print(f"{name:<26} {label:<11} {before['margin']:>+13.4f} {after['margin']:>+9.4f} {before['accuracy']:>16.1%} {after['accuracy']:>7.1%}")
+        print(f"{name:<26} {label:<15} {before['margin']:>+13.4f} {after['margin']:>+9.4f} {before['accuracy']:>16.1%} {after['accuracy']:>7.1%}")
     print(f"truncated: {dpo['data']['prompts_truncated']} prompts, {dpo['data']['answers_truncated']} answer pairs "
           f"(--max-length {args.max_length}); dpo {dpo_seconds:.0f}s, rm {rm_seconds:.0f}s, total {time.perf_counter() - started:.0f}s")  # fmt: skip
     summary = {

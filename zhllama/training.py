@@ -1,5 +1,5 @@
-"""Training plumbing shared by ``zhllama pretrain`` and ``zhllama sft``: which parameters train,
-how a run is logged and guarded, and what is saved.
+"""Training plumbing shared by ``zhllama pretrain``, ``sft``, ``dpo`` and ``rm``: which parameters
+train, how a run is logged and guarded, and what is saved.
 
 A training command reads top to bottom::
 
@@ -26,7 +26,11 @@ The API:
   ``"none"``. Both cases use peft trainable tokens, so a TIED matrix is one set of trainable
   rows shared by the input embeddings and the LM head (trained once, counted once), and the
   adapter holds only those rows.
-- :func:`train` runs ``transformers.Trainer`` (resume from ``training_args.resume_from_checkpoint``,
+- :func:`peft_config` is the config :func:`build_peft_model` applies, for trainers that wrap the
+  model themselves (trl's ``DPOTrainer`` given ``peft_config`` computes its reference with the
+  adapter disabled).
+- :func:`train` runs ``transformers.Trainer`` (or a subclass of :class:`AdapterTrainer` that also
+  derives from a trl trainer: ``trainer_class``; resume from ``training_args.resume_from_checkpoint``,
   a checkpoint path or ``"last"``), evaluates, saves the adapter (``adapter_config.json`` +
   ``adapter_model.safetensors``, never the base weights) and the tokenizer into ``out_dir``, writes
   ``metrics.jsonl`` and ``loss.png`` there, and returns the figures for ``zhllama.json``.
@@ -315,8 +319,9 @@ def plot_loss(entries: list[dict], path: Path, extra_keys: Sequence[str] = ()) -
         ax.plot(*zip(*train), label="train loss")
     if evals:
         ax.plot(*zip(*evals), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
+    if not extra_keys:
+        ax.set_xlabel("step")
+    ax.set_ylabel("loss" if extra_keys else "loss (nats per token)")  # a preference loss is no per-token figure
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
