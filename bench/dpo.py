@@ -13,7 +13,8 @@ log-probability preference ``log pi(chosen) - log pi(rejected)``. RM's: the rewa
 A pair is accurate when chosen scores strictly higher.
 
 Run:  .venv/bin/python bench/dpo.py [--steps 60] [--held-out 60] [--threads 2] [--json bench/out/dpo.json]
-Needs ../shared/assets. A few minutes on 2 CPU cores.
+Needs ../shared/assets. About 35 minutes of wall time on a shared, loaded 2-core machine
+(most of it waiting for a core); ``seconds`` in the JSON has the phases.
 """
 
 from __future__ import annotations
