@@ -20,7 +20,7 @@ from typing import Any, Mapping
 from zhllama.errors import ZhllamaError
 
 MANIFEST = "zhllama.json"
-_VERSIONED = ("zhllama", "torch", "transformers", "tokenizers", "peft", "accelerate", "datasets", "sentencepiece", "safetensors")
+_VERSIONED = ("zhllama", "torch", "transformers", "tokenizers", "peft", "accelerate", "datasets", "trl", "sentencepiece", "safetensors")
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

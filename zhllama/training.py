@@ -1,5 +1,5 @@
-"""Training plumbing shared by ``zhllama pretrain`` and ``zhllama sft``: which parameters train,
-how a run is logged and guarded, and what is saved.
+"""Training plumbing shared by ``zhllama pretrain``, ``sft``, ``dpo`` and ``rm``: which parameters
+train, how a run is logged and guarded, and what is saved.
 
 A training command reads top to bottom::
 
@@ -26,7 +26,11 @@ The API:
   ``"none"``. Both cases use peft trainable tokens, so a TIED matrix is one set of trainable
   rows shared by the input embeddings and the LM head (trained once, counted once), and the
   adapter holds only those rows.
-- :func:`train` runs ``transformers.Trainer`` (resume from ``training_args.resume_from_checkpoint``,
+- :func:`peft_config` is the config :func:`build_peft_model` applies, for trainers that wrap the
+  model themselves (trl's ``DPOTrainer`` given ``peft_config`` computes its reference with the
+  adapter disabled).
+- :func:`train` runs ``transformers.Trainer`` (or a subclass of :class:`AdapterTrainer` that also
+  derives from a trl trainer: ``trainer_class``; resume from ``training_args.resume_from_checkpoint``,
   a checkpoint path or ``"last"``), evaluates, saves the adapter (``adapter_config.json`` +
   ``adapter_model.safetensors``, never the base weights) and the tokenizer into ``out_dir``, writes
   ``metrics.jsonl`` and ``loss.png`` there, and returns the figures for ``zhllama.json``.
@@ -111,14 +115,18 @@ def explicit_training_values(training_args) -> dict:
     }
 
 
-def build_training_arguments(out: str | Path, given=None, defaults: dict | None = None):
+def build_training_arguments(out: str | Path, given=None, defaults: dict | None = None, *, config_class=None, **stage_settings):
     """The one place a stage's ``TrainingArguments`` is built: the stage's defaults
     (:data:`TRAINING_DEFAULTS` unless ``defaults`` says otherwise), then the user's values.
 
     ``given`` is what the user chose: a dict of TrainingArguments fields (the CLI passes the
     flags and ``--config`` entries it saw), a ``TrainingArguments`` (its non-default fields are
     taken) or None. Checkpoints always go to :func:`checkpoint_dir_for` ``(out)``.
+    ``config_class`` is a TrainingArguments subclass (trl's ``DPOConfig``) to build instead,
+    with its own ``stage_settings`` (e.g. ``beta``).
     """
+    import dataclasses
+
     from transformers import TrainingArguments
 
     if isinstance(given, TrainingArguments):
@@ -126,7 +134,13 @@ def build_training_arguments(out: str | Path, given=None, defaults: dict | None 
     values = {**(TRAINING_DEFAULTS if defaults is None else defaults), **(given or {})}
     values["output_dir"] = str(checkpoint_dir_for(out))
     try:
-        return TrainingArguments(**values)
+        args = TrainingArguments(**values)
+        if config_class is None or config_class is TrainingArguments:
+            return args
+        # trl's configs change TrainingArguments' defaults (bf16 on, gradient checkpointing on,
+        # a tiny learning rate): every inherited field keeps ours and the user's value
+        inherited = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+        return config_class(**inherited, **stage_settings)
     except (TypeError, ValueError) as e:
         raise ZhllamaError(f"bad training arguments: {' '.join(str(e).split())[:300]}") from e
 
@@ -156,23 +170,21 @@ def linear_module_names(model) -> set[str]:
     }
 
 
-def build_peft_model(
+def peft_config(
     model,
     *,
     new_token_ids: Sequence[int],
     lora: LoraSettings | None,
     train_embeddings: TrainEmbeddings = "new",
-    seed: int | None = None,
+    task_type: str = "CAUSAL_LM",
 ):
-    """Wrap ``model`` with peft so that exactly the parameters of one training stage train.
+    """The peft config under which exactly the parameters of one training stage train.
 
     ``lora=None``: only embedding rows (stage 1). Otherwise LoRA on ``lora.target`` plus the
-    embedding rows chosen by ``train_embeddings`` (stage 2, SFT). Pass ``seed`` (e.g.
-    ``training_args.seed``) so LoRA's random initialisation, which happens here and not in the
-    Trainer, is reproducible. Raises :class:`ZhllamaError`
-    when nothing would train or a LoRA target does not exist in the model.
+    embedding rows chosen by ``train_embeddings`` (stage 2, SFT, DPO). Raises
+    :class:`ZhllamaError` when nothing would train or a LoRA target does not exist in the model.
     """
-    from peft import LoraConfig, TrainableTokensConfig, get_peft_model
+    from peft import LoraConfig, TrainableTokensConfig
 
     if train_embeddings not in EMBEDDING_CHOICES:
         raise ZhllamaError(f"--train-embeddings must be one of {', '.join(EMBEDDING_CHOICES)} (got {train_embeddings!r})")
@@ -193,23 +205,40 @@ def build_peft_model(
                 "nothing to train: the model has no new rows (was it made by 'zhllama extend'?); "
                 "pass --train-embeddings all, or use stage 2 (LoRA)"
             )
-        config = TrainableTokensConfig(target_modules=embeddings, token_indices=token_ids)
-    else:
-        available = linear_module_names(model)
-        target = ALL_LINEAR if list(lora.target) == [ALL_LINEAR] else list(lora.target)
-        unknown = [] if target == ALL_LINEAR else sorted(set(target) - available)
-        if unknown:
-            raise ZhllamaError(
-                f"unknown --lora-target {', '.join(unknown)}; this model's linear layers are {', '.join(sorted(available))}"
-            )
-        config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=target,
-            trainable_token_indices={name: token_ids for name in embeddings} if token_ids else None,
-            task_type="CAUSAL_LM",
+        return TrainableTokensConfig(target_modules=embeddings, token_indices=token_ids)
+    available = linear_module_names(model)
+    target = ALL_LINEAR if list(lora.target) == [ALL_LINEAR] else list(lora.target)
+    unknown = [] if target == ALL_LINEAR else sorted(set(target) - available)
+    if unknown:
+        raise ZhllamaError(
+            f"unknown --lora-target {', '.join(unknown)}; this model's linear layers are {', '.join(sorted(available))}"
         )
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target,
+        trainable_token_indices={name: token_ids for name in embeddings} if token_ids else None,
+        task_type=task_type,
+    )
+
+
+def build_peft_model(
+    model,
+    *,
+    new_token_ids: Sequence[int],
+    lora: LoraSettings | None,
+    train_embeddings: TrainEmbeddings = "new",
+    seed: int | None = None,
+):
+    """Wrap ``model`` with peft under :func:`peft_config` (same arguments).
+
+    Pass ``seed`` (e.g. ``training_args.seed``) so LoRA's random initialisation, which happens
+    here and not in the Trainer, is reproducible.
+    """
+    from peft import get_peft_model
+
+    config = peft_config(model, new_token_ids=new_token_ids, lora=lora, train_embeddings=train_embeddings)
     if seed is not None:
         from transformers import set_seed
 
@@ -343,9 +372,10 @@ def read_metrics(path: Path) -> list[dict]:
     return [latest[key] for key in sorted(latest)]
 
 
-def plot_loss(entries: list[dict], path: Path) -> None:
-    """Training loss and every validation set's loss; a second panel with their bits per
-    character when those were logged."""
+def plot_loss(entries: list[dict], path: Path, extra_keys: Sequence[str] = ()) -> None:
+    """Training loss and every validation set's loss; beside it their bits per character when
+    those were logged; below, ``extra_keys`` (logged metrics such as DPO's ``rewards/margins``,
+    with their ``eval_`` twins)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -354,7 +384,8 @@ def plot_loss(entries: list[dict], path: Path) -> None:
     train = [(e["step"], e["loss"]) for e in entries if "loss" in e]
     loss_keys = sorted({k for e in entries for k in eval_loss_keys(e)})
     with_bits = any(bits_key(k) in e for e in entries for k in loss_keys)
-    fig, axes = plt.subplots(1, 2 if with_bits else 1, figsize=(11 if with_bits else 6, 4), squeeze=False)
+    columns, rows = 2 if with_bits else 1, 2 if extra_keys else 1
+    fig, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4 * rows), squeeze=False)
     loss_ax = axes[0][0]
     if train:
         loss_ax.plot(*zip(*train), label="train loss")
@@ -365,7 +396,7 @@ def plot_loss(entries: list[dict], path: Path) -> None:
         bits = [(e["step"], e[bits_key(key)]) for e in entries if bits_key(key) in e]
         if with_bits and bits:
             axes[0][1].plot(*zip(*bits), "o-", label=label)
-    loss_ax.set_ylabel("loss (nats per token)")
+    loss_ax.set_ylabel("loss" if extra_keys else "loss (nats per token)")  # a preference loss is no per-token figure
     panels = [(loss_ax, "loss")] + ([(axes[0][1], "bits per character")] if with_bits else [])
     for ax, _ in panels:
         ax.set_xlabel("step")
@@ -373,17 +404,29 @@ def plot_loss(entries: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     if with_bits:
         axes[0][1].set_ylabel("validation bits per character")
+    if extra_keys:
+        extra = axes[1][0]
+        for key in extra_keys:
+            for name, style in ((key, "-"), ("eval_" + key, "o--")):
+                points = [(e["step"], e[name]) for e in entries if name in e]
+                if points:
+                    extra.plot(*zip(*points), style, label=name)
+        extra.set_xlabel("step")
+        extra.legend(fontsize="small")
+        extra.grid(alpha=0.3)
+        if with_bits:
+            axes[1][1].axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def finish_metrics(source: Path, out_dir: Path) -> list[dict]:
+def finish_metrics(source: Path, out_dir: Path, extra_keys: Sequence[str] = ()) -> list[dict]:
     entries = read_metrics(source)
     with open(out_dir / "metrics.jsonl", "w", encoding="utf-8") as fh:
         for entry in entries:
             fh.write(json.dumps(entry) + "\n")
-    plot_loss(entries, out_dir / "loss.png")
+    plot_loss(entries, out_dir / "loss.png", extra_keys)
     return entries
 
 
@@ -472,8 +515,16 @@ def train(
     out_dir: str | Path,
     checkpoint_dir: str | Path,
     tokenizer_dir: str | Path | None = None,
+    trainer_class: type | None = None,
+    trainer_kwargs: dict | None = None,
+    plot_keys: Sequence[str] = (),
 ) -> dict:
     """Train a peft-wrapped ``model`` with ``transformers.Trainer`` and save the adapter to ``out_dir``.
+
+    ``trainer_class`` (default :class:`AdapterTrainer`) may be a subclass of it that also
+    derives from another Trainer (trl's ``DPOTrainer``); ``trainer_kwargs`` go to its
+    constructor (e.g. ``peft_config``, when that trainer wraps the model itself), and
+    ``plot_keys`` are logged metrics drawn under the loss in ``loss.png``.
 
     ``out_dir`` is the (temporary) output directory; ``checkpoint_dir`` (see
     :func:`checkpoint_dir_for`) receives the Trainer checkpoints and the running metrics log
@@ -506,8 +557,7 @@ def train(
         loss_keys = {eval_name: eval_loss_key(None)} if eval_dataset is not None else {}
     per_char = {name: value for name, value in (tokens_per_character or {}).items() if name in loss_keys}
 
-    trainable, total = parameter_counts(model)
-    trainer = AdapterTrainer(
+    trainer = (trainer_class or AdapterTrainer)(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -516,7 +566,10 @@ def train(
         data_collator=data_collator or default_data_collator,
         processing_class=tokenizer,
         callbacks=[MetricsLogger(metrics_path, {loss_keys[name]: value for name, value in per_char.items()})],
+        **(trainer_kwargs or {}),
     )
+    model = trainer.model  # the peft model, also when the trainer wrapped it
+    trainable, total = parameter_counts(model)
     result = trainer.train(resume_from_checkpoint=resume)
     figures: dict = {
         "trainable_params": trainable,
@@ -536,7 +589,7 @@ def train(
         copy_files(TOKENIZER_FILES, tokenizer_dir, out_dir)
     else:
         tokenizer.save_pretrained(str(out_dir))
-    entries = finish_metrics(metrics_path, out_dir)
+    entries = finish_metrics(metrics_path, out_dir, plot_keys)
     if loss_keys:
         figures["validation"] = validation_figures(entries, final, loss_keys, per_char)
         before = next(iter(figures["validation"].values()))["loss_before"]
