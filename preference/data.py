@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Sequence
 
 from zhllama.args import Options
-from zhllama.corpus import read_json_records
 from zhllama.errors import ZhllamaError
 from zhllama.options import at_least, option
 from zhllama.sft.data import (
@@ -40,6 +39,7 @@ from zhllama.sft.data import (
     SkipRecord,
     Turn,
     conversation_from_record,
+    read_records,
     special_texts,
     tokenize_conversation,
 )
@@ -126,18 +126,7 @@ def pair_from_record(record: object, where: str = "") -> PreferencePair:
 def read_pairs(paths: Sequence[str | Path], report: PreferenceReport | None = None) -> list[PreferencePair]:
     """Every usable pair in ``paths``; skips are counted in ``report``."""
     report = report if report is not None else PreferenceReport()
-    pairs = []
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise ZhllamaError(f"{path}: no such data file")
-        report.files.append(str(path))
-        for where, record in read_json_records(path):
-            report.records += 1
-            try:
-                pairs.append(pair_from_record(record, where))
-            except SkipRecord as e:
-                report.skip(e.reason, where)
+    pairs = read_records(paths, pair_from_record, report)
     if not pairs:
         detail = report.skipped_summary() or "the files hold no records"
         raise ZhllamaError(f"no usable preference pairs in {', '.join(map(str, paths))}: {detail}")

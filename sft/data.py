@@ -162,10 +162,10 @@ def conversation_from_record(record: object, where: str = "") -> Conversation:
     return Conversation(conversation.turns, conversation.system, where)
 
 
-def read_conversations(paths: Sequence[str | Path], report: DataReport | None = None) -> list[Conversation]:
-    """Every usable conversation in ``paths``; skips are counted in ``report``."""
-    report = report if report is not None else DataReport()
-    conversations = []
+def read_records(paths: Sequence[str | Path], parse, report) -> list:
+    """``parse(record, where)`` of every record in the JSON / JSONL ``paths``; the records it
+    skips (:class:`SkipRecord`) are counted in ``report`` (its ``files``, ``records``, ``skip``)."""
+    parsed = []
     for path in paths:
         path = Path(path)
         if not path.is_file():
@@ -174,9 +174,16 @@ def read_conversations(paths: Sequence[str | Path], report: DataReport | None = 
         for where, record in read_json_records(path):
             report.records += 1
             try:
-                conversations.append(conversation_from_record(record, where))
+                parsed.append(parse(record, where))
             except SkipRecord as e:
                 report.skip(e.reason, where)
+    return parsed
+
+
+def read_conversations(paths: Sequence[str | Path], report: DataReport | None = None) -> list[Conversation]:
+    """Every usable conversation in ``paths``; skips are counted in ``report``."""
+    report = report if report is not None else DataReport()
+    conversations = read_records(paths, conversation_from_record, report)
     report.conversations = len(conversations)
     report.turns = sum(len(c.turns) for c in conversations)
     if not conversations:
