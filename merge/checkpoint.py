@@ -73,8 +73,15 @@ class Checkpoint:
             for info in self._read_header(shard):
                 self.tensors[info.name] = info
                 self.shard_of[info.name] = shard
+        absent = [name for name in self.index if name not in self.tensors]
+        if absent:
+            raise ZhllamaError(
+                f"{self.model_dir}: the shard index names {len(absent)} tensor(s) no shard holds (first: {absent[0]} in "
+                f"{self.index[absent[0]]}); the checkpoint is incomplete, download it again"
+            )
 
     def _shard_files(self) -> list[Path]:
+        self.index: dict[str, str] = {}  # tensor name -> shard file, when there is an index
         for index_name, single in (
             ("model.safetensors.index.json", "model.safetensors"),
             ("pytorch_model.bin.index.json", "pytorch_model.bin"),
@@ -85,6 +92,7 @@ class Checkpoint:
                     weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
                 except (OSError, ValueError, KeyError) as e:
                     raise ZhllamaError(f"{index}: unreadable shard index ({e})") from e
+                self.index = dict(weight_map)
                 files = [self.model_dir / name for name in dict.fromkeys(weight_map.values())]
                 missing = [f.name for f in files if not f.is_file()]
                 if missing:
@@ -132,6 +140,67 @@ class Checkpoint:
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for shard in self.shards:
             yield from self.iter_shard(shard)
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors (in-memory copies), opening each shard that holds one once."""
+        wanted: dict[Path, list[str]] = {}
+        for name in names:
+            wanted.setdefault(self.shard_of[name], []).append(name)
+        tensors = {}
+        for shard, shard_names in wanted.items():
+            if shard.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(shard), framework="pt") as fh:
+                    tensors.update({name: fh.get_tensor(name) for name in shard_names})
+            else:
+                state = self._load_bin(shard)
+                tensors.update({name: state[name].clone() for name in shard_names})
+        return tensors
+
+    def check_shapes(self, config: dict) -> None:
+        """Refuse a tensor whose shape does not follow from config.json (a LLaMA-architecture model).
+
+        The embedding and LM head may have any number of rows (extend adds some; a base's
+        config.json is sometimes wrong about it), but not another width."""
+        for info in self.tensors.values():
+            expected = expected_shape(info.name, config)
+            if expected is None:
+                continue
+            if info.name.endswith(("embed_tokens.weight", "lm_head.weight")) and len(info.shape) == 2:
+                expected = (info.shape[0], expected[1])
+            if info.shape != expected:
+                raise ZhllamaError(
+                    f"{self.shard_of[info.name]}: tensor {info.name} has shape {info.shape} but {self.model_dir / 'config.json'} "
+                    f"implies {expected}; the shard belongs to another model or was written wrongly"
+                )
+
+
+def expected_shape(name: str, config: dict) -> tuple[int, ...] | None:
+    """The shape a LLaMA tensor must have according to config.json (None for names it does not know)."""
+    hidden, inner = config.get("hidden_size"), config.get("intermediate_size")
+    heads = config.get("num_attention_heads")
+    if not (hidden and inner and heads):
+        return None
+    head_dim = config.get("head_dim") or hidden // heads
+    kv = (config.get("num_key_value_heads") or heads) * head_dim
+    vocab = config.get("vocab_size") or 0
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (vocab, hidden)
+    if name == "model.norm.weight":
+        return (hidden,)
+    layer = re.fullmatch(r"model\.layers\.\d+\.(.+)", name)
+    return {
+        "input_layernorm.weight": (hidden,),
+        "post_attention_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (heads * head_dim, hidden),
+        "self_attn.k_proj.weight": (kv, hidden),
+        "self_attn.v_proj.weight": (kv, hidden),
+        "self_attn.o_proj.weight": (hidden, heads * head_dim),
+        "mlp.gate_proj.weight": (inner, hidden),
+        "mlp.up_proj.weight": (inner, hidden),
+        "mlp.down_proj.weight": (hidden, inner),
+    }.get(layer.group(1)) if layer else None
 
 
 @dataclass(frozen=True)

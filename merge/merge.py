@@ -52,7 +52,8 @@ class MergeOptions:
     out: Path = option(help="output directory for the merged checkpoint")
     dtype: str | None = option(None, choices=DTYPES, help="dtype of the merged weights (default: the base model's)")
     max_shard_size: str = option("2GB", help="largest output shard, e.g. 2GB, 500MB, 1GiB")
-    verify: bool = option(False, help="compare the merged model's logits with the base + adapter chain loaded through peft")
+    verify: bool = option(False, help="compare the merged model's logits with the base + adapter chain through peft's LoRA layers (layer by layer)")
+    device: str = option("cpu", help="device of --verify's layer-by-layer passes (cuda: one layer on the GPU at a time)")
     gguf: Path | None = option(None, help="also write a GGUF file for llama.cpp here")
     overwrite: bool = option(False, help="replace --out (and --gguf) if they exist")
     allow_base_mismatch: bool = option(False, help="merge adapters recorded as trained on another base anyway")
@@ -289,7 +290,7 @@ def merge_chain(options: MergeOptions) -> MergeResult:
             if options.verify:
                 from zhllama.merge.verify import verify_merged
 
-                max_logit_diff, tolerance = verify_merged(tmp, model_dir, adapters, dtype_name, tokenizer_dir)
+                max_logit_diff, tolerance = verify_merged(tmp, model_dir, adapters, dtype_name, tokenizer_dir, device=options.device)
             if gguf_target is not None:
                 from zhllama.merge.gguf_export import export_gguf
 
