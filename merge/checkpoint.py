@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,3 +276,26 @@ class ShardWriter:
         if self.expected:
             raise RuntimeError(f"internal error: shard {self.path.name} is missing {[t.name for t in self.expected]}")
         return self.sha256.hexdigest()
+
+
+def read_config(model_dir: Path) -> dict:
+    try:
+        return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ZhllamaError(f"{model_dir / 'config.json'}: unreadable ({e})") from e
+
+
+def write_config(model_dir: Path, out: Path, dtype: str, vocab_rows: int) -> None:
+    """The base's config.json with the embedding's real row count and the new dtype; its generation config."""
+    config = read_config(model_dir)
+    config["vocab_size"] = vocab_rows  # whatever the base config said (a classic cause of broken merges)
+    config["dtype"] = dtype
+    if "torch_dtype" in config:  # written by transformers 4.x
+        config["torch_dtype"] = dtype
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if (model_dir / "generation_config.json").is_file():
+        shutil.copy2(model_dir / "generation_config.json", out / "generation_config.json")
+    else:
+        from transformers import AutoConfig, GenerationConfig
+
+        GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(out))).save_pretrained(str(out))

@@ -12,9 +12,7 @@ in fp32: the output is streamed to disk tensor by tensor (see :mod:`zhllama.merg
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -35,7 +33,7 @@ from zhllama.chain import (
 )
 from zhllama.errors import ZhllamaError
 from zhllama.merge.adapters import Adapter, fit_to_base, read_adapter
-from zhllama.merge.checkpoint import Checkpoint, ShardWriter, TensorInfo, parse_size, plan_shards, write_index
+from zhllama.merge.checkpoint import Checkpoint, ShardWriter, TensorInfo, parse_size, plan_shards, read_config, write_config, write_index
 from zhllama.options import check, option
 from zhllama.outdir import atomic_output_dir, check_output_target, copy_files, read_manifest, write_manifest
 
@@ -82,13 +80,6 @@ class MergeResult:
     gguf: Path | None
 
 
-def _read_config(model_dir: Path) -> dict:
-    try:
-        return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ZhllamaError(f"{model_dir / 'config.json'}: unreadable ({e})") from e
-
-
 def _base_dtype(config: dict) -> str:
     name = str(config.get("dtype") or config.get("torch_dtype") or "float16").removeprefix("torch.")
     return name if name in DTYPES else "float16"
@@ -124,7 +115,8 @@ def prepare(options: MergeOptions) -> tuple[Checkpoint, list[Adapter], bool, str
     for adapter_dir in adapter_dirs:
         check_adapter_base(adapter_dir, fingerprint, model_dir, options.allow_base_mismatch)
     base = Checkpoint(model_dir)
-    tied = _tied(_read_config(model_dir), model_dir)
+    base.check_shapes(read_config(model_dir))
+    tied = _tied(read_config(model_dir), model_dir)
     if EMBEDDING not in base.tensors:
         raise ZhllamaError(f"{model_dir}: no {EMBEDDING}; merge handles LLaMA-architecture checkpoints")
     shapes = {name: info.shape for name, info in base.tensors.items()}
@@ -198,22 +190,6 @@ def _write_shards(base: Checkpoint, adapters: list[Adapter], tied: bool, dtype: 
     return hashes
 
 
-def _write_config(model_dir: Path, out: Path, dtype: str, vocab_rows: int) -> None:
-    """The base's config.json with the embedding's real row count and the new dtype; its generation config."""
-    config = _read_config(model_dir)
-    config["vocab_size"] = vocab_rows  # whatever the base config said (a classic cause of broken merges)
-    config["dtype"] = dtype
-    if "torch_dtype" in config:  # written by transformers 4.x
-        config["torch_dtype"] = dtype
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    if (model_dir / "generation_config.json").is_file():
-        shutil.copy2(model_dir / "generation_config.json", out / "generation_config.json")
-    else:
-        from transformers import AutoConfig, GenerationConfig
-
-        GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(out))).save_pretrained(str(out))
-
-
 def _sft_template(adapters: list[Adapter]) -> str | None:
     """The prompt template the last SFT adapter of the chain recorded (so ``zhllama chat`` can use it)."""
     template = None
@@ -278,14 +254,14 @@ def merge_chain(options: MergeOptions) -> MergeResult:
     gguf_target = _gguf_target(options, out)
     base, adapters, tied, fingerprint = prepare(options)
     model_dir = base.model_dir
-    dtype_name = options.dtype or _base_dtype(_read_config(model_dir))
+    dtype_name = options.dtype or _base_dtype(read_config(model_dir))
     tokenizer_dir = tokenizer_dir_of(model_dir, [a.directory for a in adapters])
     max_logit_diff = tolerance = None
     gguf_tmp = None
     try:
         with atomic_output_dir(out, overwrite=options.overwrite) as tmp:
             hashes = _write_shards(base, adapters, tied, torch_dtype(dtype_name), parse_size(options.max_shard_size), tmp)
-            _write_config(model_dir, tmp, dtype_name, base.tensors[EMBEDDING].shape[0])
+            write_config(model_dir, tmp, dtype_name, base.tensors[EMBEDDING].shape[0])
             copy_files(TOKENIZER_FILES, tokenizer_dir, tmp)
             if options.verify:
                 from zhllama.merge.verify import verify_merged
