@@ -118,7 +118,9 @@ class Checkpoint:
             state = self._load_bin(shard)
             return [TensorInfo(k, tuple(v.shape), v.dtype) for k, v in state.items()]
         except (OSError, RuntimeError, KeyError, ValueError, SafetensorError) as e:
-            raise ZhllamaError(f"{shard}: cannot read weights: {' '.join(str(e).split())[:200]}") from e
+            raise ZhllamaError(
+                f"{shard}: cannot read weights: {' '.join(str(e).split())[:200]}; the file is damaged or incomplete, copy or download it again"
+            ) from e
 
     @staticmethod
     def _load_bin(shard: Path) -> dict[str, torch.Tensor]:
