@@ -173,6 +173,7 @@ class Step:
     fmt: str
     name: str
     wall_s: float
+    cpu_s: float  # user + system: on a shared machine the wall time also holds others' load
     rss_anon_gib: float
     rss_file_gib: float
     read_bytes: int
@@ -183,7 +184,7 @@ class Step:
     def row(self) -> str:
         anon = "ok" if self.rss_anon_gib <= self.anon_goal_gib else "OVER"
         wall = "n/a" if self.time_goal_s is None else f"{'ok' if self.wall_s <= self.time_goal_s else 'OVER'}, goal {self.time_goal_s:.0f}"
-        return (f"| {self.shape} | {self.fmt} | {self.name} | {self.wall_s:.0f} s ({wall}) | "
+        return (f"| {self.shape} | {self.fmt} | {self.name} | {self.wall_s:.0f} s ({wall}) | {self.cpu_s:.0f} s | "
                 f"{self.rss_anon_gib:.2f} GiB ({anon}, goal {self.anon_goal_gib:.1f}) | {self.rss_file_gib:.2f} GiB |")
 
 
@@ -199,20 +200,22 @@ def _sample(pid: int, peaks: dict, done: threading.Event) -> None:
         done.wait(0.1)
 
 
-def run_step(argv: list[str], log) -> tuple[float, dict]:
-    """Run ``python -m zhllama ARGV``; its wall time and peak RssAnon/RssFile (bytes)."""
+def run_step(argv: list[str], log) -> tuple[float, float, dict]:
+    """Run ``python -m zhllama ARGV``; its wall time, CPU time and peak RssAnon/RssFile (bytes)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "zhllama", *argv], stdout=log, stderr=log, env=env)
     peaks, done = {}, threading.Event()
     sampler = threading.Thread(target=_sample, args=(proc.pid, peaks, done), daemon=True)
     sampler.start()
-    code = proc.wait()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = code = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
     done.set()
     sampler.join()
     if code != 0:
         raise RuntimeError(f"zhllama {' '.join(argv)} exited {code}; see the log")
-    return time.perf_counter() - started, peaks
+    return wall, usage.ru_utime + usage.ru_stime, peaks
 
 
 def check_identical(base: Path, extended: Path) -> dict:
@@ -252,10 +255,10 @@ def bench_shape(shape: str, fmt: str, work: Path, shard_bytes: int, results: lis
         shard = largest_file(base)
 
         def step(name: str, argv: list[str], read: int, written_of, new_matrices: int = 0) -> None:
-            wall, peaks = run_step(argv, log)
+            wall, cpu, peaks = run_step(argv, log)
             written = written_of()
             goal_anon = (3 * shard + new_matrices + GIB) / GIB
-            results.append(Step(shape, fmt, name, round(wall, 1), round(peaks.get("RssAnon", 0) / GIB, 2),
+            results.append(Step(shape, fmt, name, round(wall, 1), round(cpu, 1), round(peaks.get("RssAnon", 0) / GIB, 2),
                                 round(peaks.get("RssFile", 0) / GIB, 2), read, written, round(goal_anon, 2),
                                 round(3 * (read + written) / (2 * speed), 1) if read + written > GIB else None))
             print(results[-1].row(), flush=True)
@@ -307,7 +310,7 @@ def main() -> int:
     facts: dict = {}
     status = 0
     with open(args.work / "steps.log", "a") as log:
-        print("| shape | format | step | wall time | peak RssAnon | peak RssFile |\n|---|---|---|---|---|---|", flush=True)
+        print("| shape | format | step | wall time | CPU time | peak RssAnon | peak RssFile |\n|---|---|---|---|---|---|---|", flush=True)
         for shape, fmt in zip(shapes, formats):
             try:
                 bench_shape(shape, fmt, args.work, shard_bytes, results, facts, log)
