@@ -13,9 +13,9 @@ time (``.bin``), then runs each step as its own process:
 
 While a step runs its /proc/PID/status is read every 0.1 s: peak RssAnon (the process's own
 memory) and RssFile (mapped files, which the kernel can drop and re-read). The disk's own speed
-is measured first by copying the largest shard (with fsync). Goal per step: RssAnon under
+is measured before each step by copying the largest shard of its input (with fsync). Goal per step: RssAnon under
 3 x the largest shard + the new embedding and head + 1 GiB, and wall time under 3 x the time of
-reading and writing the step's bytes once at the measured copy speed. Every file it writes is
+reading and writing the step's bytes once at the copy speed measured just before it. Every file it writes is
 deleted as soon as no later step needs it; ``df`` is checked before each step and the run
 stops cleanly if the disk is too full.
 
@@ -200,15 +200,26 @@ def _sample(pid: int, peaks: dict, done: threading.Event) -> None:
         done.wait(0.1)
 
 
+RUNNING: list[subprocess.Popen] = []  # the step in progress, stopped with the benchmark
+
+
+def _stop(signum, frame) -> None:
+    for proc in RUNNING:
+        proc.terminate()
+    raise SystemExit(f"stopped by signal {signum}")  # unwinds through the clean-up below
+
+
 def run_step(argv: list[str], log) -> tuple[float, float, dict]:
     """Run ``python -m zhllama ARGV``; its wall time, CPU time and peak RssAnon/RssFile (bytes)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "zhllama", *argv], stdout=log, stderr=log, env=env)
+    RUNNING[:] = [proc]
     peaks, done = {}, threading.Event()
     sampler = threading.Thread(target=_sample, args=(proc.pid, peaks, done), daemon=True)
     sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
+    RUNNING.clear()
     proc.returncode = code = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
     done.set()
@@ -250,17 +261,22 @@ def bench_shape(shape: str, fmt: str, work: Path, shard_bytes: int, results: lis
         started = time.perf_counter()
         write_checkpoint(base, shape, shard_bytes, fmt)
         facts[key] = {"write_checkpoint_s": round(time.perf_counter() - started, 1), "model_gib": round(du(base) / GIB, 2)}
-        speed = copy_speed(max((p for p in base.iterdir() if p.suffix in (".safetensors", ".bin")), key=lambda p: p.stat().st_size), work)
-        facts[key]["copy_mb_s"] = round(speed / 1e6)
         shard = largest_file(base)
+        facts[key]["copy_mb_s"] = {}
 
         def step(name: str, argv: list[str], read: int, written_of, new_matrices: int = 0) -> None:
+            # the disk's speed just before the step (the machine is shared: it varies)
+            speed = None
+            if read > GIB:
+                source = Path(argv[argv.index("--model") + 1])
+                speed = copy_speed(max((p for p in source.iterdir() if p.suffix in (".safetensors", ".bin")), key=lambda p: p.stat().st_size), work)
+                facts[key]["copy_mb_s"][name] = round(speed / 1e6)
             wall, cpu, peaks = run_step(argv, log)
             written = written_of()
             goal_anon = (3 * shard + new_matrices + GIB) / GIB
             results.append(Step(shape, fmt, name, round(wall, 1), round(cpu, 1), round(peaks.get("RssAnon", 0) / GIB, 2),
                                 round(peaks.get("RssFile", 0) / GIB, 2), read, written, round(goal_anon, 2),
-                                round(3 * (read + written) / (2 * speed), 1) if read + written > GIB else None))
+                                round(3 * (read + written) / (2 * speed), 1) if speed else None))
             print(results[-1].row(), flush=True)
 
         step("vocab merge", ["vocab", "merge", "--base", str(base), "--add", str(CHINESE_SP), "--out", str(tokenizer)], 0, lambda: du(tokenizer))
@@ -298,6 +314,9 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/zhllama-scale"), help="scratch directory (deleted)")
     parser.add_argument("--json", type=Path, default=HERE / "out" / "scale.json")
     args = parser.parse_args()
+    import signal
+
+    signal.signal(signal.SIGTERM, _stop)
     shapes = args.shape or ["7b"]
     formats = args.format or ["safetensors"] * len(shapes)
     if len(formats) != len(shapes):

@@ -247,10 +247,10 @@ def write_index(out_dir: Path, shards: list[PlannedShard]) -> None:
 class ShardWriter:
     """Write one planned safetensors shard, tensor by tensor, in the planned order."""
 
-    def __init__(self, path: Path, shard: PlannedShard):
+    def __init__(self, path: Path, shard: PlannedShard, *, digest: bool = True):
         self.path = path
         self.expected = list(shard.tensors)
-        self.sha256 = hashlib.sha256()
+        self.sha256 = hashlib.sha256() if digest else None
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
         for info in self.expected:
@@ -263,7 +263,8 @@ class ShardWriter:
         self._write(struct.pack("<Q", len(raw)) + raw)
 
     def _write(self, data) -> None:
-        self.sha256.update(data)
+        if self.sha256 is not None:
+            self.sha256.update(data)
         self.fh.write(data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -272,12 +273,12 @@ class ShardWriter:
             raise RuntimeError(f"internal error: shard {self.path.name} expected {info}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
         self._write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
-    def close(self) -> str:
-        """Finish the file and return its SHA-256."""
+    def close(self) -> str | None:
+        """Finish the file and return its SHA-256 (None when made with ``digest=False``)."""
         self.fh.close()
         if self.expected:
             raise RuntimeError(f"internal error: shard {self.path.name} is missing {[t.name for t in self.expected]}")
-        return self.sha256.hexdigest()
+        return self.sha256.hexdigest() if self.sha256 is not None else None
 
 
 def read_config(model_dir: Path) -> dict:

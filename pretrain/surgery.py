@@ -52,13 +52,13 @@ def _base_sharding(wanted: list[TensorInfo], base: Checkpoint) -> list[PlannedSh
 
 def write_extended(
     model_dir: Path, out_dir: Path, new_rows: dict[str, torch.Tensor], *, max_shard_size: str | None = None
-) -> dict[str, str]:
+) -> list[str]:
     """Write the base checkpoint of ``model_dir`` to ``out_dir`` with rows appended to the vocabulary matrices.
 
     ``new_rows`` maps ``model.embed_tokens.weight`` (and ``lm_head.weight`` unless the embeddings
     are tied, in which case a stored ``lm_head.weight`` is dropped as transformers does) to the
     rows to append, in the base tensor's dtype. Writes the shards, the index and config.json
-    (vocab_size = the new row count); returns each shard's SHA-256."""
+    (vocab_size = the new row count); returns the shard file names."""
     from tqdm import tqdm
 
     base = Checkpoint(model_dir)
@@ -77,7 +77,6 @@ def write_extended(
     shards = _base_sharding(wanted, base) if max_shard_size is None else plan_shards(wanted, parse_size(max_shard_size))
     shard_of = {t.name: i for i, s in enumerate(shards) for t in s.tensors}
     writers: dict[int, ShardWriter] = {}
-    hashes = {}
     with tqdm(total=len(wanted), desc="writing the extended checkpoint", unit="tensor", file=sys.stderr) as progress:
         for name, tensor in base.iter_tensors():
             if name not in shard_of:
@@ -86,16 +85,16 @@ def write_extended(
                 tensor = torch.cat([tensor, new_rows[name].to(tensor.dtype)])
             index = shard_of[name]
             if index not in writers:
-                writers[index] = ShardWriter(out_dir / shards[index].filename, shards[index])
+                writers[index] = ShardWriter(out_dir / shards[index].filename, shards[index], digest=False)
             writers[index].write(name, tensor)
             del tensor
             if not writers[index].expected:
-                hashes[shards[index].filename] = writers.pop(index).close()
+                writers.pop(index).close()
             progress.update()
     write_index(out_dir, shards)
     rows = base.tensors[EMBEDDING].shape[0] + new_rows[EMBEDDING].shape[0]
     write_config(model_dir, out_dir, str(base.tensors[EMBEDDING].dtype).removeprefix("torch."), rows)
-    return hashes
+    return [s.filename for s in shards]
 
 
 def new_rows_of(model, old_rows: int) -> dict[str, torch.Tensor]:
