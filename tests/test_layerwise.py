@@ -19,8 +19,11 @@ def whole_model(model_dir):
 
 def test_batches_are_right_padded_in_order_within_the_token_budget():
     batches = batches_of(SEQUENCES, tokens_per_batch=16)
-    rows = [seq for b in batches for seq, mask in zip(b.input_ids.tolist(), b.attention_mask.tolist()) for seq in [seq[: sum(mask)]]]
-    assert rows == SEQUENCES
+    unpadded = []
+    for batch in batches:
+        for ids, mask in zip(batch.input_ids.tolist(), batch.attention_mask.tolist()):
+            unpadded.append(ids[: sum(mask)])
+    assert unpadded == SEQUENCES
     assert all(b.input_ids.numel() <= 16 or len(b.input_ids) == 1 for b in batches) and len(batches) > 1
 
 
