@@ -34,6 +34,7 @@ from zhllama.chain import (
 from zhllama.errors import ZhllamaError
 from zhllama.merge.adapters import Adapter, fit_to_base, read_adapter
 from zhllama.merge.checkpoint import Checkpoint, ShardWriter, TensorInfo, parse_size, plan_shards, read_config, write_config, write_index
+from zhllama.merge.gguf_export import OUTTYPES
 from zhllama.options import check, option
 from zhllama.outdir import atomic_output_dir, check_output_target, copy_files, read_manifest, write_manifest
 
@@ -53,6 +54,7 @@ class MergeOptions:
     verify: bool = option(False, help="compare the merged model's logits with the base + adapter chain through peft's LoRA layers (layer by layer)")
     device: str = option("cpu", help="device of --verify's layer-by-layer passes (cuda: one layer on the GPU at a time)")
     gguf: Path | None = option(None, help="also write a GGUF file for llama.cpp here")
+    gguf_outtype: str = option("auto", choices=tuple(OUTTYPES), help="type of the GGUF file's matrices (as export gguf --outtype)")
     overwrite: bool = option(False, help="replace --out (and --gguf) if they exist")
     allow_base_mismatch: bool = option(False, help="merge adapters recorded as trained on another base anyway")
 
@@ -64,6 +66,8 @@ class MergeOptions:
             parse_size(self.max_shard_size)
         except ValueError as e:
             problems.append(f"--max-shard-size: {e}")
+        if self.gguf_outtype not in OUTTYPES:
+            problems.append(f"--gguf-outtype must be one of {', '.join(OUTTYPES)} (got {self.gguf_outtype!r})")
         if self.gguf is not None and self.gguf.suffix != ".gguf":
             problems.append(f"--gguf: '{self.gguf}' should end in .gguf")
         if self.gguf is not None and self.gguf.exists() and not self.overwrite:
@@ -273,7 +277,7 @@ def merge_chain(options: MergeOptions) -> MergeResult:
                 inside = gguf_target.is_relative_to(out.resolve())  # --gguf OUT/model.gguf goes with the directory
                 gguf_tmp = tmp / gguf_target.relative_to(out.resolve()) if inside else gguf_target.with_name(f".{gguf_target.name}.tmp-{os.getpid()}")
                 gguf_tmp.parent.mkdir(parents=True, exist_ok=True)
-                export_gguf(tmp, gguf_tmp, name=out.name)
+                export_gguf(tmp, gguf_tmp, name=out.name, outtype=options.gguf_outtype)
                 gguf_tmp = None if inside else gguf_tmp
             _write_manifest(
                 tmp, options, base, adapters, fingerprint=fingerprint, tokenizer_dir=tokenizer_dir, hashes=hashes,

@@ -209,3 +209,14 @@ def test_unsupported_outtype_is_one_line_and_writes_nothing(tiny_model_dir, tmp_
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "q3_k" in error[0] and "q8_0" in error[0]
     assert not list(tmp_path.iterdir())
+
+
+def test_merge_writes_the_gguf_outtype_asked_for(tiny_model_dir, tmp_path):
+    import gguf
+    from peft import LoraConfig
+
+    adapter = make_adapter(tiny_model_dir, [], LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "a", seed=17)
+    out, gguf_file = tmp_path / "merged", tmp_path / "m.gguf"
+    assert main(merge_args(tiny_model_dir, [adapter], out, "--gguf", str(gguf_file), "--gguf-outtype", "q8_0")) == 0
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(gguf_file)).tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0 and types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
