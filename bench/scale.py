@@ -13,11 +13,11 @@ time (``.bin``), then runs each step as its own process:
 
 While a step runs its /proc/PID/status is read every 0.1 s: peak RssAnon (the process's own
 memory) and RssFile (mapped files, which the kernel can drop and re-read). The disk's own speed
-is measured before each step by copying the largest shard of its input (with fsync). Goal per step: RssAnon under
-3 x the largest shard + the new embedding and head + 1 GiB, and wall time under 3 x the time of
-reading and writing the step's bytes once at the copy speed measured just before it. Every file it writes is
-deleted as soon as no later step needs it; ``df`` is checked before each step and the run
-stops cleanly if the disk is too full.
+is measured before each step by copying the largest shard of its input (with fsync). Goal per
+step: RssAnon under 3 x the largest shard + the new embedding and head + 1 GiB, and wall time
+under 3 x the time of reading and writing the step's bytes once at that copy speed. Every file
+it writes is deleted as soon as no later step needs it; ``df`` is checked before each step and
+the run stops cleanly if the disk is too full (or on SIGTERM).
 
     .venv/bin/python bench/scale.py --shape 7b --format safetensors [--shape 13b --format bin ...]
 
