@@ -65,9 +65,11 @@ class Edit:
         if self.kind == "replace":
             return self.value.to(torch.float32).clone()
         if self.kind == "lora":
-            delta = self.lora_b.to(torch.float32) @ self.lora_a.to(torch.float32)
-            weight += self.scaling * (delta.T if self.transpose else delta)
-            return weight
+            # in place (W += s·B@A without a temporary delta matrix): W is the largest thing in memory
+            lora_a, lora_b = self.lora_a.to(torch.float32), self.lora_b.to(torch.float32)
+            if self.transpose:
+                return weight.addmm_(lora_a.T, lora_b.T, alpha=self.scaling)
+            return weight.addmm_(lora_b, lora_a, alpha=self.scaling)
         weight[torch.tensor(self.indices)] = self.value.to(torch.float32)
         return weight
 

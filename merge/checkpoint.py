@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +74,15 @@ class Checkpoint:
             for info in self._read_header(shard):
                 self.tensors[info.name] = info
                 self.shard_of[info.name] = shard
+        absent = [name for name in self.index if name not in self.tensors]
+        if absent:
+            raise ZhllamaError(
+                f"{self.model_dir}: the shard index names {len(absent)} tensor(s) no shard holds (first: {absent[0]} in "
+                f"{self.index[absent[0]]}); the checkpoint is incomplete, download it again"
+            )
 
     def _shard_files(self) -> list[Path]:
+        self.index: dict[str, str] = {}  # tensor name -> shard file, when there is an index
         for index_name, single in (
             ("model.safetensors.index.json", "model.safetensors"),
             ("pytorch_model.bin.index.json", "pytorch_model.bin"),
@@ -85,6 +93,7 @@ class Checkpoint:
                     weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
                 except (OSError, ValueError, KeyError) as e:
                     raise ZhllamaError(f"{index}: unreadable shard index ({e})") from e
+                self.index = dict(weight_map)
                 files = [self.model_dir / name for name in dict.fromkeys(weight_map.values())]
                 missing = [f.name for f in files if not f.is_file()]
                 if missing:
@@ -109,7 +118,9 @@ class Checkpoint:
             state = self._load_bin(shard)
             return [TensorInfo(k, tuple(v.shape), v.dtype) for k, v in state.items()]
         except (OSError, RuntimeError, KeyError, ValueError, SafetensorError) as e:
-            raise ZhllamaError(f"{shard}: cannot read weights: {' '.join(str(e).split())[:200]}") from e
+            raise ZhllamaError(
+                f"{shard}: cannot read weights: {' '.join(str(e).split())[:200]}; the file is damaged or incomplete, copy or download it again"
+            ) from e
 
     @staticmethod
     def _load_bin(shard: Path) -> dict[str, torch.Tensor]:
@@ -132,6 +143,67 @@ class Checkpoint:
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for shard in self.shards:
             yield from self.iter_shard(shard)
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors (in-memory copies), opening each shard that holds one once."""
+        wanted: dict[Path, list[str]] = {}
+        for name in names:
+            wanted.setdefault(self.shard_of[name], []).append(name)
+        tensors = {}
+        for shard, shard_names in wanted.items():
+            if shard.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(shard), framework="pt") as fh:
+                    tensors.update({name: fh.get_tensor(name) for name in shard_names})
+            else:
+                state = self._load_bin(shard)
+                tensors.update({name: state[name].clone() for name in shard_names})
+        return tensors
+
+    def check_shapes(self, config: dict) -> None:
+        """Refuse a tensor whose shape does not follow from config.json (a LLaMA-architecture model).
+
+        The embedding and LM head may have any number of rows (extend adds some; a base's
+        config.json is sometimes wrong about it), but not another width."""
+        for info in self.tensors.values():
+            expected = expected_shape(info.name, config)
+            if expected is None:
+                continue
+            if info.name.endswith(("embed_tokens.weight", "lm_head.weight")) and len(info.shape) == 2:
+                expected = (info.shape[0], expected[1])
+            if info.shape != expected:
+                raise ZhllamaError(
+                    f"{self.shard_of[info.name]}: tensor {info.name} has shape {info.shape} but {self.model_dir / 'config.json'} "
+                    f"implies {expected}; the shard belongs to another model or was written wrongly"
+                )
+
+
+def expected_shape(name: str, config: dict) -> tuple[int, ...] | None:
+    """The shape a LLaMA tensor must have according to config.json (None for names it does not know)."""
+    hidden, inner = config.get("hidden_size"), config.get("intermediate_size")
+    heads = config.get("num_attention_heads")
+    if not (hidden and inner and heads):
+        return None
+    head_dim = config.get("head_dim") or hidden // heads
+    kv = (config.get("num_key_value_heads") or heads) * head_dim
+    vocab = config.get("vocab_size") or 0
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (vocab, hidden)
+    if name == "model.norm.weight":
+        return (hidden,)
+    layer = re.fullmatch(r"model\.layers\.\d+\.(.+)", name)
+    return {
+        "input_layernorm.weight": (hidden,),
+        "post_attention_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (heads * head_dim, hidden),
+        "self_attn.k_proj.weight": (kv, hidden),
+        "self_attn.v_proj.weight": (kv, hidden),
+        "self_attn.o_proj.weight": (hidden, heads * head_dim),
+        "mlp.gate_proj.weight": (inner, hidden),
+        "mlp.up_proj.weight": (inner, hidden),
+        "mlp.down_proj.weight": (hidden, inner),
+    }.get(layer.group(1)) if layer else None
 
 
 @dataclass(frozen=True)
@@ -175,10 +247,10 @@ def write_index(out_dir: Path, shards: list[PlannedShard]) -> None:
 class ShardWriter:
     """Write one planned safetensors shard, tensor by tensor, in the planned order."""
 
-    def __init__(self, path: Path, shard: PlannedShard):
+    def __init__(self, path: Path, shard: PlannedShard, *, digest: bool = True):
         self.path = path
         self.expected = list(shard.tensors)
-        self.sha256 = hashlib.sha256()
+        self.sha256 = hashlib.sha256() if digest else None
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
         for info in self.expected:
@@ -191,7 +263,8 @@ class ShardWriter:
         self._write(struct.pack("<Q", len(raw)) + raw)
 
     def _write(self, data) -> None:
-        self.sha256.update(data)
+        if self.sha256 is not None:
+            self.sha256.update(data)
         self.fh.write(data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -200,9 +273,32 @@ class ShardWriter:
             raise RuntimeError(f"internal error: shard {self.path.name} expected {info}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
         self._write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
-    def close(self) -> str:
-        """Finish the file and return its SHA-256."""
+    def close(self) -> str | None:
+        """Finish the file and return its SHA-256 (None when made with ``digest=False``)."""
         self.fh.close()
         if self.expected:
             raise RuntimeError(f"internal error: shard {self.path.name} is missing {[t.name for t in self.expected]}")
-        return self.sha256.hexdigest()
+        return self.sha256.hexdigest() if self.sha256 is not None else None
+
+
+def read_config(model_dir: Path) -> dict:
+    try:
+        return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ZhllamaError(f"{model_dir / 'config.json'}: unreadable ({e})") from e
+
+
+def write_config(model_dir: Path, out: Path, dtype: str, vocab_rows: int) -> None:
+    """The base's config.json with the embedding's real row count and the new dtype; its generation config."""
+    config = read_config(model_dir)
+    config["vocab_size"] = vocab_rows  # whatever the base config said (a classic cause of broken merges)
+    config["dtype"] = dtype
+    if "torch_dtype" in config:  # written by transformers 4.x
+        config["torch_dtype"] = dtype
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if (model_dir / "generation_config.json").is_file():
+        shutil.copy2(model_dir / "generation_config.json", out / "generation_config.json")
+    else:
+        from transformers import AutoConfig, GenerationConfig
+
+        GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(out))).save_pretrained(str(out))

@@ -10,7 +10,10 @@ Follows what llama.cpp's ``convert_hf_to_gguf.py`` does for LLaMA models:
 - tensor names from ``gguf``'s own HF→GGUF map (``token_embd``, ``blk.N.attn_q``, ...);
 - q and k projections permuted from Hugging Face's rotary layout (rotate-half) back to the
   interleaved layout llama.cpp's rope expects (:func:`permute_for_rope`);
-- 1-D tensors (norms) in F32, matrices in the checkpoint's dtype (F32, F16 or BF16).
+- 1-D tensors (norms) in F32; matrices in the checkpoint's dtype (``outtype="auto"``) or in
+  the chosen type: F32, F16, BF16, or one of llama.cpp's block-quantised types that the ``gguf``
+  package can write (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0); a matrix whose rows do not split into the
+  type's blocks is written as F16 instead (as llama.cpp's converter does).
 
 Tensors are streamed: the header is written from the shapes alone, then each tensor is read,
 converted and written in turn.
@@ -29,6 +32,8 @@ from zhllama.errors import ZhllamaError
 from zhllama.merge.checkpoint import Checkpoint
 
 SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)
+# --outtype -> GGML tensor type name for the matrices ("auto": the checkpoint's dtype)
+OUTTYPES = {"auto": None, "f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q5_1": "Q5_1", "q5_0": "Q5_0", "q4_1": "Q4_1", "q4_0": "Q4_0"}
 
 
 def permute_for_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -75,39 +80,61 @@ def _vocabulary(tokenizer_model: Path, rows: int):
     return tokens, scores, types, proto.normalizer_spec.add_dummy_prefix
 
 
-def _storage(ndim: int, matrix_dtype: torch.dtype):
-    """The torch dtype and GGML type a tensor is stored as: norms stay F32 (as llama.cpp's
-    converter keeps them), matrices keep the checkpoint's dtype."""
+def matrix_type(outtype: str, matrix_dtype: torch.dtype):
+    """The GGML type of the matrices for ``outtype``."""
     import gguf
 
-    half = {torch.bfloat16: gguf.GGMLQuantizationType.BF16, torch.float16: gguf.GGMLQuantizationType.F16}
-    if ndim > 1 and matrix_dtype in half:
-        return matrix_dtype, half[matrix_dtype]
-    return torch.float32, gguf.GGMLQuantizationType.F32
+    if OUTTYPES[outtype] is not None:
+        return gguf.GGMLQuantizationType[OUTTYPES[outtype]]
+    return {torch.bfloat16: gguf.GGMLQuantizationType.BF16, torch.float16: gguf.GGMLQuantizationType.F16}.get(
+        matrix_dtype, gguf.GGMLQuantizationType.F32
+    )
 
 
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: write the raw 16-bit patterns
-        return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
-    return tensor.contiguous().numpy()
+def _storage(shape: tuple[int, ...], matrices):
+    """The GGML type a tensor is stored as: norms stay F32 (as llama.cpp's converter keeps
+    them), matrices take ``matrices`` if their rows split into its blocks, else F16."""
+    import gguf
+
+    if len(shape) < 2:
+        return gguf.GGMLQuantizationType.F32
+    block = gguf.GGML_QUANT_SIZES[matrices][0]
+    return matrices if shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
 
 
-def export_gguf(model_dir: str | Path, gguf_file: str | Path, *, tokenizer_dir: str | Path | None = None, name: str | None = None) -> Path:
+def _encoded(tensor: torch.Tensor, ggml_type) -> np.ndarray:
+    """The tensor's bytes as GGUF stores them for ``ggml_type``."""
+    import gguf
+
+    kinds = gguf.GGMLQuantizationType
+    if ggml_type == kinds.BF16:  # numpy has no bfloat16: write the raw 16-bit patterns
+        return tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+    if ggml_type in (kinds.F32, kinds.F16):
+        return tensor.to(torch.float32 if ggml_type == kinds.F32 else torch.float16).contiguous().numpy()
+    return gguf.quants.quantize(tensor.float().contiguous().numpy(), ggml_type)
+
+
+def export_gguf(
+    model_dir: str | Path, gguf_file: str | Path, *, tokenizer_dir: str | Path | None = None, name: str | None = None, outtype: str = "auto"
+) -> Path:
     """Write ``gguf_file`` from a (merged) LLaMA checkpoint directory and its ``tokenizer.model``.
 
-    ``name`` (``general.name``) defaults to the directory's name.
+    ``name`` (``general.name``) defaults to the directory's name; ``outtype`` is one of
+    :data:`OUTTYPES` (the matrices' type).
     """
+    if outtype not in OUTTYPES:
+        raise ZhllamaError(f"--outtype {outtype}: not a type the GGUF export writes; choose one of {', '.join(OUTTYPES)}")
     # gguf logs every key it writes, and warns about LLaMA's pair template ("<s> $A <s> $B") it has no use for
     gguf_logger = logging.getLogger("gguf")
     level = gguf_logger.level
     gguf_logger.setLevel(logging.ERROR)
     try:
-        return _export(Path(model_dir), Path(gguf_file), tokenizer_dir, name)
+        return _export(Path(model_dir), Path(gguf_file), tokenizer_dir, name, outtype)
     finally:
         gguf_logger.setLevel(level)
 
 
-def _export(model_dir: Path, gguf_file: Path, tokenizer_dir: str | Path | None, name: str | None) -> Path:
+def _export(model_dir: Path, gguf_file: Path, tokenizer_dir: str | Path | None, name: str | None, outtype: str) -> Path:
     import gguf
 
     tokenizer_model = Path(tokenizer_dir or model_dir) / "tokenizer.model"
@@ -117,14 +144,15 @@ def _export(model_dir: Path, gguf_file: Path, tokenizer_dir: str | Path | None, 
     if not tokenizer_model.is_file():
         raise ZhllamaError(f"GGUF export: no {tokenizer_model}; llama.cpp needs the SentencePiece model")
     checkpoint = Checkpoint(model_dir)
+    checkpoint.check_shapes(config)
     if "model.embed_tokens.weight" not in checkpoint.tensors:
         raise ZhllamaError(f"GGUF export: {model_dir} has no model.embed_tokens.weight; is it a LLaMA checkpoint?")
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     layers, hidden = config["num_hidden_layers"], config["hidden_size"]
     head_dim = config.get("head_dim") or hidden // heads
     rows = checkpoint.tensors["model.embed_tokens.weight"].shape[0]
-    matrix_dtype = checkpoint.tensors["model.embed_tokens.weight"].dtype
-    file_type = {torch.float16: gguf.LlamaFileType.MOSTLY_F16, torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16}.get(matrix_dtype, gguf.LlamaFileType.ALL_F32)
+    matrices = matrix_type(outtype, checkpoint.tensors["model.embed_tokens.weight"].dtype)
+    file_type = gguf.LlamaFileType.ALL_F32 if matrices == gguf.GGMLQuantizationType.F32 else gguf.LlamaFileType[f"MOSTLY_{matrices.name}"]
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
 
     writer = gguf.GGUFWriter(str(gguf_file), "llama")
@@ -148,7 +176,7 @@ def _export(model_dir: Path, gguf_file: Path, tokenizer_dir: str | Path | None, 
     writer.add_add_space_prefix(add_space_prefix)
     gguf.SpecialVocab(tokenizer_model.parent, n_vocab=rows).add_to_gguf(writer, quiet=True)
 
-    names = {}
+    names, types = {}, {}
     for name, info in checkpoint.tensors.items():
         if name.endswith(SKIPPED_SUFFIXES):
             continue
@@ -156,8 +184,9 @@ def _export(model_dir: Path, gguf_file: Path, tokenizer_dir: str | Path | None, 
         if gguf_name is None:
             raise ZhllamaError(f"GGUF export: {model_dir} has tensor {name}, which has no llama.cpp name")
         names[name] = gguf_name
-        dtype, ggml_type = _storage(len(info.shape), matrix_dtype)
-        writer.add_tensor_info(gguf_name, info.shape, np.dtype(np.float32), info.numel * dtype.itemsize, raw_dtype=ggml_type)
+        types[name] = _storage(info.shape, matrices)
+        nbytes = int(np.prod(gguf.quants.quant_shape_to_byte_shape(info.shape, types[name])))
+        writer.add_tensor_info(gguf_name, info.shape, np.dtype(np.float32), nbytes, raw_dtype=types[name])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -168,6 +197,6 @@ def _export(model_dir: Path, gguf_file: Path, tokenizer_dir: str | Path | None, 
             tensor = permute_for_rope(tensor, heads)
         elif name.endswith("self_attn.k_proj.weight"):
             tensor = permute_for_rope(tensor, kv_heads)
-        writer.write_tensor_data(_numpy(tensor.to(_storage(tensor.ndim, matrix_dtype)[0])))
+        writer.write_tensor_data(_encoded(tensor, types[name]))
     writer.close()
     return gguf_file

@@ -12,9 +12,7 @@ in fp32: the output is streamed to disk tensor by tensor (see :mod:`zhllama.merg
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -35,10 +33,12 @@ from zhllama.chain import (
 )
 from zhllama.errors import ZhllamaError
 from zhllama.merge.adapters import Adapter, fit_to_base, read_adapter
-from zhllama.merge.checkpoint import Checkpoint, ShardWriter, TensorInfo, parse_size, plan_shards, write_index
+from zhllama.merge.checkpoint import Checkpoint, ShardWriter, TensorInfo, parse_size, plan_shards, read_config, write_config, write_index
+from zhllama.merge.gguf_export import OUTTYPES
 from zhllama.args import OutputArgs
 from zhllama.options import option
-from zhllama.outdir import atomic_output_dir, check_output_target, copy_files, read_manifest, write_manifest
+from zhllama.outdir import atomic_output_dir, check_output_target, copy_files
+from zhllama.provenance import read_manifest, write_manifest
 
 EMBEDDING = "model.embed_tokens.weight"
 OUTPUT_EMBEDDING = "lm_head.weight"
@@ -48,14 +48,16 @@ OUTPUT_EMBEDDING = "lm_head.weight"
 class MergeOptions(OutputArgs):
     """Options of ``zhllama merge``."""
 
+    # merge reads the chain tensor by tensor instead of loading it (ChainArgs.load), so it
+    # declares its own model/adapter fields; --dtype here is the output's, not a load dtype
     model: Path = option(help="base model directory the adapters were trained on (e.g. the output of zhllama extend)")
     adapter: list[Path] = option(help="adapter directory, in chain order (repeat: --adapter stage1 --adapter stage2 --adapter sft)")
     dtype: str | None = option(None, choices=DTYPES, help="dtype of the merged weights (default: the base model's)")
     max_shard_size: str = option("2GB", help="largest output shard, e.g. 2GB, 500MB, 1GiB")
-    verify: bool = option(False, help="compare the merged model's logits with the base + adapter chain loaded through peft")
+    verify: bool = option(False, help="compare the merged model's logits with the base + adapter chain through peft's LoRA layers (layer by layer)")
+    device: str = option("cpu", help="device of --verify's layer-by-layer passes (cuda: one layer on the GPU at a time)")
     gguf: Path | None = option(None, help="also write a GGUF file for llama.cpp here")
-    # merge reads the chain tensor by tensor instead of loading it (ChainArgs.load), so it
-    # declares its own model/adapter fields; --dtype here is the output's, not a load dtype
+    gguf_outtype: str = option("auto", choices=tuple(OUTTYPES), help="type of the GGUF file's matrices (as export gguf --outtype)")
     overwrite: bool = option(False, help="replace --out (and --gguf) if they exist")
     allow_base_mismatch: bool = option(False, help="merge adapters recorded as trained on another base anyway")
 
@@ -67,6 +69,8 @@ class MergeOptions(OutputArgs):
             parse_size(self.max_shard_size)
         except ValueError as e:
             problems.append(f"--max-shard-size: {e}")
+        if self.gguf_outtype not in OUTTYPES:
+            problems.append(f"--gguf-outtype must be one of {', '.join(OUTTYPES)} (got {self.gguf_outtype!r})")
         if self.gguf is not None and self.gguf.suffix != ".gguf":
             problems.append(f"--gguf: '{self.gguf}' should end in .gguf")
         if self.gguf is not None and self.gguf.exists() and not self.overwrite:
@@ -81,13 +85,6 @@ class MergeResult:
     tensors: int
     max_logit_diff: float | None
     gguf: Path | None
-
-
-def _read_config(model_dir: Path) -> dict:
-    try:
-        return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ZhllamaError(f"{model_dir / 'config.json'}: unreadable ({e})") from e
 
 
 def _base_dtype(config: dict) -> str:
@@ -125,7 +122,8 @@ def prepare(options: MergeOptions) -> tuple[Checkpoint, list[Adapter], bool, str
     for adapter_dir in adapter_dirs:
         check_adapter_base(adapter_dir, fingerprint, model_dir, options.allow_base_mismatch)
     base = Checkpoint(model_dir)
-    tied = _tied(_read_config(model_dir), model_dir)
+    base.check_shapes(read_config(model_dir))
+    tied = _tied(read_config(model_dir), model_dir)
     if EMBEDDING not in base.tensors:
         raise ZhllamaError(f"{model_dir}: no {EMBEDDING}; merge handles LLaMA-architecture checkpoints")
     shapes = {name: info.shape for name, info in base.tensors.items()}
@@ -199,22 +197,6 @@ def _write_shards(base: Checkpoint, adapters: list[Adapter], tied: bool, dtype: 
     return hashes
 
 
-def _write_config(model_dir: Path, out: Path, dtype: str, vocab_rows: int) -> None:
-    """The base's config.json with the embedding's real row count and the new dtype; its generation config."""
-    config = _read_config(model_dir)
-    config["vocab_size"] = vocab_rows  # whatever the base config said (a classic cause of broken merges)
-    config["dtype"] = dtype
-    if "torch_dtype" in config:  # written by transformers 4.x
-        config["torch_dtype"] = dtype
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    if (model_dir / "generation_config.json").is_file():
-        shutil.copy2(model_dir / "generation_config.json", out / "generation_config.json")
-    else:
-        from transformers import AutoConfig, GenerationConfig
-
-        GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(out))).save_pretrained(str(out))
-
-
 def _sft_template(adapters: list[Adapter]) -> str | None:
     """The prompt template the last SFT adapter of the chain recorded (so ``zhllama chat`` can use it)."""
     template = None
@@ -279,26 +261,26 @@ def merge_chain(options: MergeOptions) -> MergeResult:
     gguf_target = _gguf_target(options, out)
     base, adapters, tied, fingerprint = prepare(options)
     model_dir = base.model_dir
-    dtype_name = options.dtype or _base_dtype(_read_config(model_dir))
+    dtype_name = options.dtype or _base_dtype(read_config(model_dir))
     tokenizer_dir = tokenizer_dir_of(model_dir, [a.directory for a in adapters])
     max_logit_diff = tolerance = None
     gguf_tmp = None
     try:
         with atomic_output_dir(out, overwrite=options.overwrite) as tmp:
             hashes = _write_shards(base, adapters, tied, torch_dtype(dtype_name), parse_size(options.max_shard_size), tmp)
-            _write_config(model_dir, tmp, dtype_name, base.tensors[EMBEDDING].shape[0])
+            write_config(model_dir, tmp, dtype_name, base.tensors[EMBEDDING].shape[0])
             copy_files(TOKENIZER_FILES, tokenizer_dir, tmp)
             if options.verify:
                 from zhllama.merge.verify import verify_merged
 
-                max_logit_diff, tolerance = verify_merged(tmp, model_dir, adapters, dtype_name, tokenizer_dir)
+                max_logit_diff, tolerance = verify_merged(tmp, model_dir, adapters, dtype_name, tokenizer_dir, device=options.device)
             if gguf_target is not None:
                 from zhllama.merge.gguf_export import export_gguf
 
                 inside = gguf_target.is_relative_to(out.resolve())  # --gguf OUT/model.gguf goes with the directory
                 gguf_tmp = tmp / gguf_target.relative_to(out.resolve()) if inside else gguf_target.with_name(f".{gguf_target.name}.tmp-{os.getpid()}")
                 gguf_tmp.parent.mkdir(parents=True, exist_ok=True)
-                export_gguf(tmp, gguf_tmp, name=out.name)
+                export_gguf(tmp, gguf_tmp, name=out.name, outtype=options.gguf_outtype)
                 gguf_tmp = None if inside else gguf_tmp
             _write_manifest(
                 tmp, options, base, adapters, fingerprint=fingerprint, tokenizer_dir=tokenizer_dir, hashes=hashes,

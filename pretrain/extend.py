@@ -61,6 +61,7 @@ class ExtendOptions:
     device: str = option("auto", help="device for the base-model pass of --head-init logprob (auto: cuda when available)")
     pad_to_multiple_of: int = option(64, help="round the number of embedding rows up to a multiple of this (1: no padding)")
     seed: int = option(0, help="random seed for --init mean and random")
+    max_shard_size: str | None = option(None, help="largest output shard, e.g. 2GB (default: the base model's sharding)")
     overwrite: bool = option(False, help="replace an existing output directory")
 
     def __post_init__(self):
@@ -71,6 +72,13 @@ class ExtendOptions:
         if self.head_init not in HEAD_INIT_METHODS:
             problems.append(f"--head-init must be one of {', '.join(HEAD_INIT_METHODS)} (got {self.head_init!r})")
         at_least(problems, "--pad-to-multiple-of", self.pad_to_multiple_of, 1)
+        if self.max_shard_size is not None:
+            from zhllama.merge.checkpoint import parse_size
+
+            try:
+                parse_size(self.max_shard_size)
+            except ValueError as error:
+                problems.append(f"--max-shard-size: {error}")
         if self.device != "auto":
             import torch
 
@@ -252,8 +260,8 @@ def extend_model(options: ExtendOptions) -> Path:
 
     Returns the output directory."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from zhllama.pretrain.surgery import load_vocab_model, new_rows_of, write_extended
     from zhllama.vocab.spmodel import load_sp_proto
 
     model_dir = check_model_dir(options.model)
@@ -270,7 +278,7 @@ def extend_model(options: ExtendOptions) -> Path:
     base_size, tokenizer_size = len(base_proto.pieces), len(merged_proto.pieces)
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto")
+        model = load_vocab_model(model_dir)
     except (OSError, ValueError) as e:
         raise ZhllamaError(f"{model_dir}: cannot load model: {' '.join(str(e).split())}") from e
     old_rows = model.get_input_embeddings().weight.shape[0]
@@ -323,7 +331,7 @@ def extend_model(options: ExtendOptions) -> Path:
         figures["new_rows_without_split"] = unsplit
     figures.update(head_figures)
     with atomic_output_dir(options.out, overwrite=options.overwrite) as out_dir:
-        model.save_pretrained(str(out_dir))
+        write_extended(model_dir, out_dir, new_rows_of(model, old_rows), max_shard_size=options.max_shard_size)
         copy_files(TOKENIZER_FILES, options.tokenizer, out_dir)
         write_manifest(
             out_dir,

@@ -174,3 +174,49 @@ def test_gguf_inside_the_output_directory_and_failures_leave_nothing(tiny_model_
     assert main(merge_args(no_sp, [adapter], out2, "--gguf", str(elsewhere), "--allow-base-mismatch")) == 1
     assert "tokenizer.model" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not out2.exists() and not elsewhere.exists() and not list(tmp_path.glob(".m.gguf.tmp-*"))
+
+
+@pytest.mark.parametrize("outtype, matrix_type, max_error", [("f32", "F32", 0.0), ("f16", "F16", 1e-3), ("q8_0", "Q8_0", 0.01), ("q4_0", "Q4_0", 0.2)])
+def test_export_outtype_writes_that_type_and_reads_back(outtype, matrix_type, max_error, tiny_model_dir, tmp_path):
+    """Matrices in the chosen type (dequantised by gguf's own reader, close to the checkpoint's
+    values), norms in F32; the result reports the file's size."""
+    import gguf
+
+    from zhllama.merge.cli import ExportGgufOptions, run_export_gguf
+
+    result = run_export_gguf(ExportGgufOptions(model=tiny_model_dir, out=tmp_path / f"m-{outtype}.gguf", outtype=outtype))
+    assert result.bytes == result.out.stat().st_size and f"{result.bytes / 2**30:.2f} GiB" in result.summary()
+    reader = gguf.GGUFReader(str(result.out))
+    merged = weights(tiny_model_dir)
+    names = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight", "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj.weight"}
+    for t in reader.tensors:
+        # gguf lists the row length first; rows that do not split into the type's blocks fall back to F16
+        splits = int(t.shape[0]) % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[matrix_type]][0] == 0
+        expected = "F32" if len(t.shape) == 1 else matrix_type if splits else "F16"
+        assert t.tensor_type.name == expected, t.name
+        if t.name in names:
+            values = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+            reference = merged[names[t.name]].float()
+            assert values.shape == reference.shape
+            assert (values - reference).abs().max().item() <= max_error * max(1.0, reference.abs().max().item()), t.name
+    if outtype == "q8_0":  # about 8.5 bits a weight instead of 32
+        assert result.bytes < 0.4 * run_export_gguf(ExportGgufOptions(model=tiny_model_dir, out=tmp_path / "f32.gguf", outtype="f32")).bytes
+
+
+def test_unsupported_outtype_is_one_line_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
+    target = tmp_path / "m.gguf"
+    assert main(["export", "gguf", "--model", str(tiny_model_dir), "--out", str(target), "--outtype", "q3_k"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "q3_k" in error[0] and "q8_0" in error[0]
+    assert not list(tmp_path.iterdir())
+
+
+def test_merge_writes_the_gguf_outtype_asked_for(tiny_model_dir, tmp_path):
+    import gguf
+    from peft import LoraConfig
+
+    adapter = make_adapter(tiny_model_dir, [], LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "a", seed=17)
+    out, gguf_file = tmp_path / "merged", tmp_path / "m.gguf"
+    assert main(merge_args(tiny_model_dir, [adapter], out, "--gguf", str(gguf_file), "--gguf-outtype", "q8_0")) == 0
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(gguf_file)).tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0 and types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32

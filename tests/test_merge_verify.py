@@ -1,0 +1,66 @@
+"""merge --verify, layer by layer: exact for a float32 merge of the whole chain (rows, LoRA,
+rsLoRA, rank patterns, embedding LoRA, modules_to_save), and it catches a merge that is wrong."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from merge_fixtures import chain_adapters, make_adapter
+from test_merge import merge_args
+from zhllama.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+NEW_ROWS = list(range(900, 1000))
+
+
+def figures(out) -> dict:
+    return json.loads((out / "zhllama.json").read_text())["figures"]
+
+
+@pytest.fixture(scope="module")
+def untied_chain(tmp_path_factory, tiny_model_dir):
+    return chain_adapters(tiny_model_dir, tmp_path_factory.mktemp("verify_chain"), tied=False, new_rows=NEW_ROWS)
+
+
+def test_float32_merge_verifies_exactly(tiny_model_dir, untied_chain, tmp_path):
+    out = tmp_path / "merged"
+    assert main(merge_args(tiny_model_dir, untied_chain, out, "--dtype", "float32", "--verify")) == 0
+    assert figures(out)["max_logit_diff"] <= 1e-5
+
+
+def test_tied_chain_and_embedding_lora_verify(tiny_tied_model_dir, tiny_model_dir, tmp_path):
+    from peft import LoraConfig
+
+    tied = chain_adapters(tiny_tied_model_dir, tmp_path / "tied", tied=True, new_rows=NEW_ROWS)
+    assert main(merge_args(tiny_tied_model_dir, tied, tmp_path / "m1", "--dtype", "float32", "--verify")) == 0
+    assert figures(tmp_path / "m1")["max_logit_diff"] <= 1e-5
+    full = make_adapter(tiny_model_dir, [], LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]), tmp_path / "full", seed=4)
+    embed_lora = make_adapter(tiny_model_dir, [full], LoraConfig(r=4, lora_alpha=4, target_modules=["embed_tokens", "o_proj"]), tmp_path / "emb", seed=5)
+    assert main(merge_args(tiny_model_dir, [full, embed_lora], tmp_path / "m2", "--dtype", "float32", "--verify")) == 0
+    assert figures(tmp_path / "m2")["max_logit_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("wrong", ["dropped LoRA", "wrong scale"])
+def test_verify_catches_a_wrong_merge(wrong, tiny_model_dir, untied_chain, tmp_path, monkeypatch, capsys):
+    """verify does not share merge's arithmetic: break merge's, and verify refuses the result."""
+    import zhllama.merge.merge as merge_module
+
+    original = merge_module._merge_tensor
+
+    def broken(name, tensor, adapters, dtype):
+        if name != "model.layers.1.mlp.down_proj.weight":
+            return original(name, tensor, adapters, dtype)
+        if wrong == "dropped LoRA":
+            return tensor.to(dtype)
+        return (2 * original(name, tensor, adapters, torch.float32) - tensor.float()).to(dtype)
+
+    monkeypatch.setattr(merge_module, "_merge_tensor", broken)
+    out = tmp_path / "merged"
+    capsys.readouterr()
+    assert main(merge_args(tiny_model_dir, untied_chain, out, "--dtype", "float32", "--verify")) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("zhllama: error: --verify:") and "differ" in error
+    assert not out.exists() and not list(tmp_path.glob(".merged.tmp-*"))
