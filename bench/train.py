@@ -165,7 +165,7 @@ def other_way(spec: dict, out: Path) -> tuple[int, int]:
         model.get_input_embeddings().weight.requires_grad_(True)
         model.get_output_embeddings().weight.requires_grad_(True)
     elif spec["way"] == "chinese-llama":
-        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(ALL_LINEAR),
+        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=ALL_LINEAR,
                             modules_to_save=["embed_tokens", "lm_head"], task_type="CAUSAL_LM")  # fmt: skip
         model = get_peft_model(model, config)
     if spec["gradient_checkpointing"]:
@@ -320,7 +320,7 @@ def main() -> None:
                 if done.returncode != 0 or not lines:
                     raise SystemExit(f"{way} {stage} failed:\n{done.stderr[-3000:]}")
                 rows.append(json.loads(lines[-1].removeprefix("BENCH_RESULT ")))
-                for line in done.stdout.splitlines():
+                for line in done.stderr.splitlines():  # the stages print their choice as a notice on stderr
                     if line.startswith("acceleration: "):
                         print(f"{stage} {way}: {line}", file=sys.stderr, flush=True)
                 print(f"{stage} {way}: {rows[-1]}", file=sys.stderr, flush=True)

@@ -40,7 +40,7 @@ def train_steps(model_dir: str, corpus: str, *, world: int = 1, rank: int = 0) -
     docs = [[chain.tokenizer.bos_token_id, *ids, chain.tokenizer.eos_token_id] for ids in chain.tokenizer(lines, add_special_tokens=False)["input_ids"]]
     blocks = torch.tensor(pack_documents({"input_ids": docs}, BLOCK)["input_ids"][: STEPS * GLOBAL_BATCH])
     model = build_peft_model(
-        chain.model, new_token_ids=chain.new_token_ids, lora=LoraSettings(r=8, alpha=16, dropout=0.0, target=list(ALL_LINEAR)), seed=0
+        chain.model, new_token_ids=chain.new_token_ids, lora=LoraSettings(r=8, alpha=16, dropout=0.0, target=[ALL_LINEAR]), seed=0
     )
     if world > 1:
         from torch.distributed.fsdp import fully_shard
