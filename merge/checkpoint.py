@@ -27,6 +27,11 @@ import torch
 
 from zhllama.errors import ZhllamaError
 
+# LLaMA-architecture tensor names the stages that rewrite checkpoints rely on
+EMBEDDING = "model.embed_tokens.weight"
+OUTPUT_EMBEDDING = "lm_head.weight"
+FINAL_NORM = "model.norm.weight"
+
 SAFETENSORS_DTYPES = {
     torch.float64: "F64",
     torch.float32: "F32",
@@ -279,6 +284,18 @@ class ShardWriter:
         if self.expected:
             raise RuntimeError(f"internal error: shard {self.path.name} is missing {[t.name for t in self.expected]}")
         return self.sha256.hexdigest() if self.sha256 is not None else None
+
+
+def tied_embeddings(checkpoint: "Checkpoint", config: dict) -> bool:
+    """Whether a checkpoint's LM head is its input embedding: it stores no ``lm_head.weight``,
+    or its config says so (when it is silent, the architecture's default)."""
+    if OUTPUT_EMBEDDING not in checkpoint.tensors:
+        return True
+    if "tie_word_embeddings" in config:
+        return bool(config["tie_word_embeddings"])
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(str(checkpoint.model_dir)), "tie_word_embeddings", False))
 
 
 def read_config(model_dir: Path) -> dict:

@@ -33,15 +33,25 @@ from zhllama.chain import (
 )
 from zhllama.errors import ZhllamaError
 from zhllama.merge.adapters import Adapter, fit_to_base, read_adapter
-from zhllama.merge.checkpoint import Checkpoint, ShardWriter, TensorInfo, parse_size, plan_shards, read_config, write_config, write_index
+from zhllama.merge.checkpoint import (
+    EMBEDDING,
+    OUTPUT_EMBEDDING,
+    Checkpoint,
+    ShardWriter,
+    TensorInfo,
+    parse_size,
+    plan_shards,
+    read_config,
+    tied_embeddings,
+    write_config,
+    write_index,
+)
 from zhllama.merge.gguf_export import OUTTYPES
 from zhllama.args import OutputArgs
 from zhllama.options import option
 from zhllama.outdir import atomic_output_dir, check_output_target, copy_files
 from zhllama.provenance import read_manifest, write_manifest
 
-EMBEDDING = "model.embed_tokens.weight"
-OUTPUT_EMBEDDING = "lm_head.weight"
 
 
 @dataclass(kw_only=True)
@@ -92,14 +102,6 @@ def _base_dtype(config: dict) -> str:
     return name if name in DTYPES else "float16"
 
 
-def _tied(config: dict, model_dir: Path) -> bool:
-    if "tie_word_embeddings" in config:
-        return bool(config["tie_word_embeddings"])
-    from transformers import AutoConfig  # the architecture's default
-
-    return bool(getattr(AutoConfig.from_pretrained(str(model_dir)), "tie_word_embeddings", False))
-
-
 def _check_tokenizer(tokenizer_dir: Path, rows: int, model_dir: Path) -> None:
     model_file = tokenizer_dir / "tokenizer.model"
     if not model_file.is_file():
@@ -123,7 +125,7 @@ def prepare(options: MergeOptions) -> tuple[Checkpoint, list[Adapter], bool, str
         check_adapter_base(adapter_dir, fingerprint, model_dir, options.allow_base_mismatch)
     base = Checkpoint(model_dir)
     base.check_shapes(read_config(model_dir))
-    tied = _tied(read_config(model_dir), model_dir)
+    tied = tied_embeddings(base, read_config(model_dir))
     if EMBEDDING not in base.tensors:
         raise ZhllamaError(f"{model_dir}: no {EMBEDDING}; merge handles LLaMA-architecture checkpoints")
     shapes = {name: info.shape for name, info in base.tensors.items()}

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from zhllama.errors import ZhllamaError
-from zhllama.layerwise import EMBEDDING, OUTPUT_EMBEDDING, Batch, LayerwiseModel
+from zhllama.layerwise import Batch, LayerwiseModel
+from zhllama.merge.checkpoint import EMBEDDING, OUTPUT_EMBEDDING
 from zhllama.merge.adapters import PREFIX, Adapter
 
 SAMPLE_TEXT = "从前有一座山，山里有一座庙。Once upon a time, there was a little girl named Lily. 1234"

@@ -23,8 +23,11 @@ from typing import Iterator
 import torch
 
 from zhllama.errors import ZhllamaError
-from zhllama.layerwise import EMBEDDING, FINAL_NORM, OUTPUT_EMBEDDING, LayerwiseModel
+from zhllama.layerwise import LayerwiseModel
 from zhllama.merge.checkpoint import (
+    EMBEDDING,
+    FINAL_NORM,
+    OUTPUT_EMBEDDING,
     Checkpoint,
     PlannedShard,
     ShardWriter,
@@ -32,6 +35,7 @@ from zhllama.merge.checkpoint import (
     parse_size,
     plan_shards,
     read_config,
+    tied_embeddings,
     write_config,
     write_index,
 )
@@ -149,7 +153,7 @@ def load_vocab_model(model_dir: Path):
     model.to_empty(device="cpu")
     model.model.layers = StreamedLayers(model, LayerwiseModel(model_dir, dtype=dtype))
     model.model.rotary_emb = LlamaRotaryEmbedding(model.config)  # its inverse frequencies were left on the meta device
-    tied = OUTPUT_EMBEDDING not in base.tensors or bool(config.tie_word_embeddings)
+    tied = tied_embeddings(base, read_config(model_dir))
     names = [EMBEDDING, FINAL_NORM] + ([] if tied else [OUTPUT_EMBEDDING])
     weights = base.read(names)
     with torch.no_grad():

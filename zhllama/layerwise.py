@@ -22,9 +22,7 @@ import torch
 
 from zhllama.errors import ZhllamaError
 
-EMBEDDING = "model.embed_tokens.weight"
-OUTPUT_EMBEDDING = "lm_head.weight"
-FINAL_NORM = "model.norm.weight"
+from zhllama.merge.checkpoint import EMBEDDING, FINAL_NORM, OUTPUT_EMBEDDING
 
 
 @dataclass
