@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zhllama.chain import check_tokenizer_fits
 from zhllama.errors import ZhllamaError
 from zhllama.merge.checkpoint import Checkpoint
 
@@ -60,8 +61,7 @@ def _vocabulary(tokenizer_model: Path, rows: int):
     from sentencepiece import sentencepiece_model_pb2
 
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
-    if sp.get_piece_size() > rows:
-        raise ZhllamaError(f"{tokenizer_model} has {sp.get_piece_size()} pieces but the model has only {rows} embedding rows")
+    check_tokenizer_fits(sp.get_piece_size(), rows, tokenizer=tokenizer_model, model=tokenizer_model.parent, fix="export the checkpoint this tokenizer was merged for")
     tokens = [f"[PAD{i}]".encode() for i in range(rows)]
     scores = [-1000.0] * rows
     types = [gguf.TokenType.UNUSED] * rows

@@ -25,6 +25,7 @@ from zhllama.chain import (
     TOKENIZER_FILES,
     ModelChain,
     check_adapter_base,
+    check_tokenizer_fits,
     check_adapter_dir,
     check_model_dir,
     model_fingerprint,
@@ -109,11 +110,9 @@ def _check_tokenizer(tokenizer_dir: Path, rows: int, model_dir: Path) -> None:
     import sentencepiece as spm
 
     pieces = spm.SentencePieceProcessor(model_file=str(model_file)).get_piece_size()
-    if pieces > rows:
-        raise ZhllamaError(
-            f"tokenizer {model_file} has {pieces} pieces but {model_dir} has {rows} embedding rows (vocab {rows} vs "
-            f"{pieces}): the adapter was made for another extended model; pass the model it was trained on"
-        )
+    check_tokenizer_fits(
+        pieces, rows, tokenizer=model_file, model=model_dir, fix="the adapter was made for another extended model; pass the model it was trained on"
+    )
 
 
 def prepare(options: MergeOptions) -> tuple[Checkpoint, list[Adapter], bool, str]:

@@ -147,14 +147,14 @@ def embeddings_tied(model) -> bool:
     return output is not None and output.weight is model.get_input_embeddings().weight
 
 
-def check_tokenizer_fits(tokenizer, model, *, tokenizer_dir: Path | str, model_dir: Path | str) -> None:
-    """Refuse a tokenizer whose ids do not all have an embedding row in the model."""
-    rows = embedding_rows(model)
-    if len(tokenizer) > rows:
-        raise ZhllamaError(
-            f"tokenizer {tokenizer_dir} has {len(tokenizer)} tokens but model {model_dir} has {rows} embedding rows; "
-            "run 'zhllama extend' to resize the model for this tokenizer"
-        )
+def check_tokenizer_fits(
+    tokens: int, rows: int, *, tokenizer: Path | str, model: Path | str,
+    fix: str = "run 'zhllama extend' to resize the model for this tokenizer",
+) -> None:  # fmt: skip
+    """Refuse a tokenizer of ``tokens`` ids when the model has fewer embedding ``rows``: the one
+    check (and wording) for a loaded chain, a checkpoint being merged and a GGUF export."""
+    if tokens > rows:
+        raise ZhllamaError(f"tokenizer {tokenizer} has {tokens} tokens but model {model} has {rows} embedding rows; {fix}")
 
 
 @dataclass
@@ -226,7 +226,7 @@ def load_chain(
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype(dtype))
     except (OSError, ValueError, SafetensorError) as e:
         raise ZhllamaError(f"{model_dir}: cannot load model: {' '.join(str(e).split())[:300]}") from e
-    check_tokenizer_fits(tokenizer, model, tokenizer_dir=tokenizer_dir, model_dir=model_dir)
+    check_tokenizer_fits(len(tokenizer), embedding_rows(model), tokenizer=tokenizer_dir, model=model_dir)
     for adapter_dir in adapter_dirs:
         model = apply_adapter(model, adapter_dir)
     return ModelChain(model, tokenizer, model_dir, adapter_dirs, tokenizer_dir, fingerprint)

@@ -172,6 +172,7 @@ def write_tiny_llama(
     import torch
     from transformers import LlamaForCausalLM
 
+    from zhllama.chain import TOKENIZER_FILES
     from zhllama.outdir import copy_files
 
     out_dir = Path(out_dir)
@@ -180,9 +181,7 @@ def write_tiny_llama(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(sp.get_piece_size(), hidden_size=hidden_size, layers=layers, tied=tied))
     model.save_pretrained(str(out_dir))
-    copy_files(
-        ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"], tokenizer_dir, out_dir
-    )
+    copy_files(TOKENIZER_FILES, tokenizer_dir, out_dir)
     return out_dir
 
 
