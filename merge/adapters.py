@@ -86,11 +86,11 @@ class Adapter:
 
 
 def _pattern_value(patterns: dict, module: str, default):
-    """peft's rule: the first pattern ``p`` with ``(.*\\.)?p$`` matching the module name wins."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
+    """The value of ``rank_pattern`` / ``alpha_pattern`` for ``module``, found by peft's own rule."""
+    from peft.utils.other import get_pattern_key
+
+    key = get_pattern_key(patterns.keys(), module)
+    return patterns.get(key, default)
 
 
 def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:

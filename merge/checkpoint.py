@@ -222,20 +222,19 @@ class PlannedShard:
 
 
 def plan_shards(tensors: list[TensorInfo], max_shard_bytes: int) -> list[PlannedShard]:
-    """Group tensors, in order, into shards of at most ``max_shard_bytes`` (a bigger tensor gets its own)."""
-    groups: list[list[TensorInfo]] = [[]]
-    size = 0
-    for info in tensors:
-        nbytes = info.numel * info.dtype.itemsize
-        if groups[-1] and size + nbytes > max_shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(info)
-        size += nbytes
-    if len(groups) == 1:
-        return [PlannedShard("model.safetensors", tuple(groups[0]))]
-    n = len(groups)
-    return [PlannedShard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups)]
+    """Group tensors into shards of at most ``max_shard_bytes`` (a bigger tensor gets its own), with
+    huggingface_hub's planner and file names, from their headers alone (no tensor is read)."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    by_name = {info.name: info for info in tensors}
+    split = split_state_dict_into_shards_factory(
+        by_name,
+        get_storage_size=lambda info: info.numel * info.dtype.itemsize,
+        get_storage_id=lambda info: None,  # header entries share no storage
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_bytes,
+    )
+    return [PlannedShard(filename, tuple(by_name[name] for name in names)) for filename, names in split.filename_to_tensors.items()]
 
 
 def write_index(out_dir: Path, shards: list[PlannedShard]) -> None:
