@@ -6,6 +6,14 @@ from zhllama.pretrain.extend import ExtendOptions, extend_model
 from zhllama.pretrain.train import PretrainOptions, pretrain_chain
 from zhllama.training import TRAINING_DEFAULTS
 
-extend = Command(ExtendOptions, extend_model)
+
+def extend_and_report(options: ExtendOptions):
+    """extend_model, its summary printed (until the shared runner prints every result's summary)."""
+    result = extend_model(options)
+    print(result.summary())
+    return result
+
+
+extend = Command(ExtendOptions, extend_and_report)
 pretrain = Command(PretrainOptions, pretrain_chain, training=True, training_defaults=TRAINING_DEFAULTS)
 evaluate = Command(EvalOptions, evaluate_chain)
