@@ -23,8 +23,8 @@ base measured so far (bench/out/init.json holds them all).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from init_bases import ASSETS, DEFAULT_CACHE, FAMILY, REPO, STORIES260K, hongloumeng, tokenizer_dir, train_base  # noqa: E402
+from init_bases import ASSETS, DEFAULT_CACHE, FAMILY, REPO, hongloumeng, stories260k, tokenizer_dir, train_base  # noqa: E402
 
 OUT = REPO / "bench" / "out" / "init"
 SCORED_PARAGRAPHS = 60  # of the 200 held out: scoring a 50k-row head on CPU is the slow part
@@ -91,40 +91,64 @@ def english_held_out() -> list[str]:
     return paragraphs[-SCORED_PARAGRAPHS:]
 
 
+def method_hash() -> str:
+    """The initialisation code's hash: a base's saved results and extended models are reused only
+    while it is unchanged."""
+    code = b"".join((REPO / "pretrain" / f).read_bytes() for f in ("init.py", "extend.py"))
+    return hashlib.sha256(code + json.dumps(STARTS).encode()).hexdigest()[:10]
+
+
 def bench_base(name: str, base: Path, tokenizer: str, role: str, args, cache: Path) -> dict:
+    """Step-0 and stage-1 figures of every start on one base; what an earlier run of the same
+    code measured is kept (extended models stay under the cache until the code changes)."""
     train, held_out = hongloumeng()
     held_out = held_out[:SCORED_PARAGRAPHS]
-    work = cache / "work" / name
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    version = method_hash()
+    work = cache / "work" / f"{name}-{version}"
+    work.mkdir(parents=True, exist_ok=True)
+    saved = OUT / f"{name}.json"
+    previous = json.loads(saved.read_text()) if saved.is_file() else {}
+    if previous.get("method") != version:
+        previous = {}
     sample = work / "init_sample.txt"
     sample.write_text("\n".join(train[:: max(1, len(train) // SAMPLE_PARAGRAPHS)]) + "\n", encoding="utf-8")
     stage1_corpus = work / "stage1.txt"  # another slice of the training part than the sample
     stage1_corpus.write_text("\n".join(train[1 :: max(1, len(train) // 400)]) + "\n", encoding="utf-8")
     merged = merged_tokenizer(cache, tokenizer)
     english = name == "stories260K"
-    report = {"base": name, "role": role, "tokenizer": tokenizer, "step0": {}, "after_stage1": {}, "seconds": {}, "extend_figures": {}}
+    report = {"base": name, "role": role, "tokenizer": tokenizer, "method": version, "step0": {}, "after_stage1": {},
+              "stage1_steps": args.stage1_steps, "seconds": {}, "extend_figures": {}}  # fmt: skip
+    for key in ("step0", "seconds", "extend_figures") + (("after_stage1",) if previous.get("stage1_steps") == args.stage1_steps else ()):
+        report[key].update(previous.get(key, {}))
+    for key in ("english_base", "english_default"):
+        if key in previous:
+            report[key] = previous[key]
     clock = time.perf_counter()
-    report["step0"]["base"] = score(base, held_out)
-    if english:
+    if "base" not in report["step0"]:
+        report["step0"]["base"] = score(base, held_out)
+    if english and "english_base" not in report:
         report["english_base"] = score(base, english_held_out())
-    report["seconds"]["score base"] = round(time.perf_counter() - clock, 1)
+    report["seconds"].setdefault("score base", round(time.perf_counter() - clock, 1))
     for start, flags in STARTS.items():
+        if args.starts is not None and start not in args.starts:
+            continue
         extended = work / ("extended-" + start.replace(" ", "-"))
         corpus_flags = ["--init-corpus", sample] if start == "default" else []
-        clock = time.perf_counter()
-        zhllama("extend", "--model", base, "--tokenizer", merged, "--out", extended, *flags, *corpus_flags)
-        report["seconds"][f"extend {start}"] = round(time.perf_counter() - clock, 1)
+        if not (extended / "zhllama.json").is_file():
+            clock = time.perf_counter()
+            zhllama("extend", "--model", base, "--tokenizer", merged, "--out", extended, "--overwrite", *flags, *corpus_flags)
+            report["seconds"][f"extend {start}"] = round(time.perf_counter() - clock, 1)
         report["extend_figures"][start] = json.loads((extended / "zhllama.json").read_text())["figures"]
-        report["step0"][start] = score(extended, held_out)
-        if english and start == "default":
+        if start not in report["step0"]:
+            report["step0"][start] = score(extended, held_out)
+        if english and start == "default" and "english_default" not in report:
             report["english_default"] = score(extended, english_held_out())
-        if args.stage1_steps:
+        if args.stage1_steps and start not in report["after_stage1"]:
             clock = time.perf_counter()
             stage1 = train_stage1(work, extended, stage1_corpus, args.stage1_steps)
             report["after_stage1"][start] = score(extended, held_out, (stage1,))
             report["seconds"][f"stage 1 {start}"] = round(time.perf_counter() - clock, 1)
-    shutil.rmtree(work, ignore_errors=True)
+        saved.write_text(json.dumps(report, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     log = base / "train_log.json"
     if log.is_file():
         report["train_log"] = json.loads(log.read_text())
@@ -133,19 +157,24 @@ def bench_base(name: str, base: Path, tokenizer: str, role: str, args, cache: Pa
 
 def print_table(reports: list[dict], stage1_steps: int) -> None:
     starts = list(STARTS)
-    print(f"\nbits per character on {SCORED_PARAGRAPHS} held-out paragraphs of 红楼梦; step 0 (after {stage1_steps} stage-1 steps)")
+    print(f"\nbits per character on {SCORED_PARAGRAPHS} held-out paragraphs of 红楼梦; step 0 (after {stage1_steps} stage-1 steps), vs base")
     print(f"{'base':<24}{'role':<7}{'base':>7}" + "".join(f"{s:>20}" for s in starts))
     for r in reports:
         b = r["step0"]["base"]
         cells = []
         for s in starts:
             cell = f"{r['step0'][s]:.2f} {r['step0'][s] / b - 1:+.0%}"
+            if s not in r["step0"]:
+                cells.append(f"{'-':>20}")
+                continue
             if s in r["after_stage1"]:
                 cell += f" ({r['after_stage1'][s]:.2f})"
             cells.append(f"{cell:>20}")
         print(f"{r['base']:<24}{r['role']:<7}{b:>7.2f}" + "".join(cells))
     for r in reports:
         if "english_base" in r:
+            if "english_default" not in r:
+                continue
             change = r["english_default"] / r["english_base"] - 1
             print(f"{r['base']}: English bits/char {r['english_base']:.4f} -> {r['english_default']:.4f} after extend ({change:+.2%})")
         if "default" in r["extend_figures"]:
@@ -159,6 +188,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="measure only these bases (the table shows every base measured so far)")
     parser.add_argument("--stage1-steps", type=int, default=100, help="stage-1 steps per start (0: step 0 only)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="trained bases and merged tokenizers, keyed by settings")
+    parser.add_argument("--starts", nargs="*", default=None, choices=list(STARTS), help="measure only these starts")
     parser.add_argument("--table", action="store_true", help="only print the table of the bases measured so far")
     args = parser.parse_args()
     if not ASSETS.is_dir():
@@ -170,10 +200,8 @@ def main() -> None:
     for name, tokenizer, role, spec in bases if not args.table else []:
         if args.only is not None and name not in args.only:
             continue
-        base = STORIES260K if spec is None else train_base(spec, args.cache_dir)
-        report = bench_base(name, base, tokenizer, role, args, args.cache_dir)
-        report["command"] = "python bench/init.py " + " ".join(sys.argv[1:])
-        (OUT / f"{name}.json").write_text(json.dumps(report, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        base = stories260k(args.cache_dir) if spec is None else train_base(spec, args.cache_dir)
+        bench_base(name, base, tokenizer, role, args, args.cache_dir)
     reports = [json.loads((OUT / f"{name}.json").read_text()) for name, *_ in bases if (OUT / f"{name}.json").is_file()]
     print_table(reports, args.stage1_steps)
     (REPO / "bench" / "out" / "init.json").write_text(json.dumps(reports, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")

@@ -150,6 +150,20 @@ def train_base(spec: BaseSpec, cache: Path, log=print) -> Path:
     return out
 
 
+def stories260k(cache: Path) -> Path:
+    """The real stories260K with the exact HF tokenizer files beside it (it ships tokenizer.model only)."""
+    from zhllama.vocab.hf import save_hf_tokenizer
+
+    out = cache / "stories260K"
+    if not (out / "tokenizer.json").is_file():
+        tmp = cache / "stories260K.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(STORIES260K, tmp)
+        save_hf_tokenizer(tmp / "tokenizer.model", tmp)
+        tmp.rename(out)
+    return out
+
+
 def main() -> None:
     import torch
 
