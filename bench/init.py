@@ -155,18 +155,20 @@ def bench_base(name: str, base: Path, tokenizer: str, role: str, args, cache: Pa
     return report
 
 
-def print_table(reports: list[dict], stage1_steps: int) -> None:
+def print_table(reports: list[dict]) -> None:
     starts = list(STARTS)
-    print(f"\nbits per character on {SCORED_PARAGRAPHS} held-out paragraphs of 红楼梦; step 0 (after {stage1_steps} stage-1 steps), vs base")
+    steps = sorted({r["stage1_steps"] for r in reports if r["after_stage1"]})
+    print(f"\nbits per character on {SCORED_PARAGRAPHS} held-out paragraphs of 红楼梦 at step 0, vs base "
+          f"(in brackets: after {'/'.join(map(str, steps)) or 'no'} stage-1 steps; -: not measured)")  # fmt: skip
     print(f"{'base':<24}{'role':<7}{'base':>7}" + "".join(f"{s:>20}" for s in starts))
     for r in reports:
         b = r["step0"]["base"]
         cells = []
         for s in starts:
-            cell = f"{r['step0'][s]:.2f} {r['step0'][s] / b - 1:+.0%}"
             if s not in r["step0"]:
                 cells.append(f"{'-':>20}")
                 continue
+            cell = f"{r['step0'][s]:.2f} {r['step0'][s] / b - 1:+.0%}"
             if s in r["after_stage1"]:
                 cell += f" ({r['after_stage1'][s]:.2f})"
             cells.append(f"{cell:>20}")
@@ -180,7 +182,8 @@ def print_table(reports: list[dict], stage1_steps: int) -> None:
         if "default" in r["extend_figures"]:
             f = r["extend_figures"]["default"]
             print(f"{r['base']}: default extend {f['seconds']:.0f}s; stage 0 read {f.get('distil_spelled_tokens', 0):,} base tokens, "
-                  f"cost {f.get('distil_cost_token_forwards', 0):,} token forwards")  # fmt: skip
+                  f"cost {f.get('distil_cost_token_forwards', 0):,} token forwards, kept step {f.get('distil_kept_step')} "
+                  f"(held-out NLL by step {f.get('distil_held_out_curve')})")  # fmt: skip
 
 
 def main() -> None:
@@ -203,7 +206,7 @@ def main() -> None:
         base = stories260k(args.cache_dir) if spec is None else train_base(spec, args.cache_dir)
         bench_base(name, base, tokenizer, role, args, args.cache_dir)
     reports = [json.loads((OUT / f"{name}.json").read_text()) for name, *_ in bases if (OUT / f"{name}.json").is_file()]
-    print_table(reports, args.stage1_steps)
+    print_table(reports)
     (REPO / "bench" / "out" / "init.json").write_text(json.dumps(reports, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     print(f"\n{time.perf_counter() - started:.0f}s; reproduce: .venv/bin/python bench/init.py {' '.join(sys.argv[1:])}")
 
