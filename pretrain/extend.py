@@ -137,7 +137,7 @@ def resolve_device(device: str) -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return device  # checked by ExtendOptions.validate
+    return device  # checked by ExtendOptions.problems
 
 
 def read_init_corpus(options: ExtendOptions) -> list[str]:

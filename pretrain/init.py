@@ -11,12 +11,12 @@ distribution of the next *base* piece (the first piece of the next text, whateve
 starts with it) and, within the pieces that start with that base piece, the base model's
 probability that the text goes on as the new piece says. No data label enters the loss, only the
 base model's predictions, so the extended model learns to read and write what the base knew, not
-more.
+more; the sample's text only chooses, on a slice held out from training, which step's rows to
+keep (the closed-form start included).
 """
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
