@@ -1,45 +1,47 @@
-"""How well do new rows start? Bits per character at step 0 for base, subword-mean, mean, random.
+"""Do new rows start close to the base model, on every base of a family? Bits per character at step 0
+and after 100 stage-1 steps, per start method, per base.
 
-A small LLaMA is first trained for a few minutes on Chinese text (红楼梦) with the base LLaMA
-tokenizer, which reads most Chinese characters as UTF-8 byte pieces. It is then extended with
-the merged tokenizer (LLaMA + Chinese-LLaMA's 20k Chinese pieces, made with ``zhllama vocab
-merge``) by each ``--init`` method and scored, untrained, on held-out chapters. Bits per
-character are comparable across tokenizers; the goal is ``subword-mean`` within 10% of the
-base model and far ahead of ``random``. ``subword-mean`` runs twice: with its default LM head
-(``--head-init logprob``) and with head rows averaged like the input rows (``--head-init
-mean``). ``--stage1-steps N`` also trains stage 1 (new rows only) for N steps from each start
-and scores again, to show which start trains best. It also measures the stage-1 adapter (new
-rows only) against Chinese-LLaMA's way (whole embedding + LM head) on this model and for
-LLaMA-7B shapes.
+The family (bench/init_bases.py, trained once and cached by their settings): small LLaMAs trained
+from scratch on 红楼梦 through byte fallback, differing in tokenizer (the real 32k LLaMA one, the
+512-piece one of stories260K), depth/width and training length (100 to 1,500 steps, the longest
+until its held-out loss flattens), plus the real tied stories260K (English). Each is extended
+with its tokenizer merged with Chinese-LLaMA's 20k Chinese pieces (``zhllama vocab merge``) by
+every start and scored on the held-out end of 红楼梦, text no base and no stage 0 ever read;
+stories260K is also scored on English (Pride and Prejudice), which must not move by 1%.
 
-Time (2 idle CPU cores, about 4 minutes; ~3 more per variant with --stage1-steps 100) goes to
-training the base (~1 min), to the logprob head's pass over the new pieces (~30 s) and to five
-scoring passes over the held-out text with a 32k/49.5k-row LM head (~35 s each);
-``seconds_by_phase`` in the JSON has the breakdown.
+Starts: ``default`` = ``zhllama extend --init-corpus SAMPLE`` (closed-form rows, then the
+distillation stage 0 on a sample of the training part of 红楼梦); ``closed form`` = ``extend``
+with no corpus; ``mean head`` = ``--head-init mean``; ``mean`` and ``random`` = ``--init``.
+The method's constants (pretrain/init.py) were chosen on the bases marked "fit" and are only
+reported on the others.
 
-Run:  .venv/bin/python bench/init.py [--steps 150] [--batch-size 8] [--hidden 128] [--stage1-steps 100]
-Needs ../shared/assets (LLaMA tokenizer, Chinese-LLaMA SentencePiece model, 红楼梦).
-Writes bench/out/init.json.
+Run:  .venv/bin/python bench/init.py [--only NAME ...] [--stage1-steps 100] [--cache-dir DIR]
+Needs ../shared/assets. Writes bench/out/init/<base>.json per base and prints the table of every
+base measured so far (bench/out/init.json holds them all).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-ASSETS = REPO.parent / "shared" / "assets"
-# name -> zhllama extend flags
-VARIANTS = {
-    "subword-mean": ["--init", "subword-mean"],
-    "subword-mean, mean head": ["--init", "subword-mean", "--head-init", "mean"],
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from init_bases import ASSETS, DEFAULT_CACHE, FAMILY, REPO, hongloumeng, stories260k, tokenizer_dir, train_base  # noqa: E402
+
+OUT = REPO / "bench" / "out" / "init"
+SCORED_PARAGRAPHS = 60  # of the 200 held out: scoring a 50k-row head on CPU is the slow part
+SAMPLE_PARAGRAPHS = 2000  # the stage-0 sample: every k-th paragraph of the training part
+# name -> zhllama extend flags; "default" adds --init-corpus SAMPLE
+STARTS = {
+    "default": [],
+    "closed form": [],
+    "mean head": ["--head-init", "mean"],
     "mean": ["--init", "mean"],
     "random": ["--init", "random"],
 }
@@ -53,154 +55,160 @@ def zhllama(*argv) -> None:
         sys.exit(f"zhllama {' '.join(map(str, argv))} failed ({code})")
 
 
-def chapters(text: str) -> list[str]:
-    """红楼梦 as paragraphs (one document each)."""
-    return [line.strip() for line in text.splitlines() if len(line.strip()) >= 20]
-
-
-def build_base(work: Path, paragraphs: list[str], steps: int, batch_size: int, hidden: int, layers: int) -> Path:
-    from zhllama.demo import tiny
-    from zhllama.vocab.hf import save_hf_tokenizer
-
-    tokenizer_dir = work / "llama_tokenizer"
-    tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    save_hf_tokenizer(ASSETS / "tokenizers" / "llama" / "tokenizer.model", tokenizer_dir)
-    model_dir = tiny.write_tiny_llama(work / "base", tokenizer_dir, hidden_size=hidden, layers=layers)
-    started = time.perf_counter()
-    losses = tiny.pretrain_tiny_llama(model_dir, paragraphs, steps=steps, block_size=128, batch_size=batch_size, learning_rate=3e-3)
-    print(f"base model: {steps} steps in {time.perf_counter() - started:.0f}s, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    return model_dir
-
-
-def score(model_dir: Path, texts: list[str], adapters: tuple[Path, ...] = ()) -> dict:
+def score(model_dir: Path, texts: list[str], adapters: tuple[Path, ...] = ()) -> float:
     from zhllama.chain import load_chain
     from zhllama.pretrain import score_texts
 
     chain = load_chain(model_dir, list(adapters))
-    return score_texts(chain.model, chain.tokenizer, texts, block_size=256, batch_size=8)
+    return score_texts(chain.model, chain.tokenizer, texts, block_size=256, batch_size=8)["bits_per_character"]
 
 
-def adapter_sizes(work: Path, extended: Path, corpus: Path) -> dict:
-    """Stage-1 adapter bytes: new rows only vs whole matrices (Chinese-LLaMA), a few steps each."""
-    sizes = {}
-    for rows in ("new", "all"):
-        out = work / f"stage1-{rows}"
+def merged_tokenizer(cache: Path, name: str) -> Path:
+    out = cache / f"merged-{name}"
+    if not (out / "tokenizer.json").is_file():
         zhllama(
-            "pretrain", "--stage", 1, "--model", extended, "--data", corpus, "--out", out, "--train-embeddings", rows,
-            "--block-size", 128, "--max-steps", 2, "--validation-split", 0, "--cache-dir", work / "cache",
-            "--use-cpu", "--disable-tqdm", "true", "--overwrite",
+            "vocab", "merge", "--base", tokenizer_dir(cache, name) / "tokenizer.model",
+            "--add", ASSETS / "tokenizers" / "chinese-llama" / "chinese_sp.model", "--out", out, "--overwrite",
         )  # fmt: skip
-        sizes[rows] = (out / "adapter_model.safetensors").stat().st_size
-    return sizes
+    return out
 
 
 def train_stage1(work: Path, extended: Path, corpus: Path, steps: int) -> Path:
     """Stage 1 (new rows only) from an extended model, the settings of docs/pretrain.md's table."""
-    out = work / f"stage1-from-{extended.name}"
+    out = work / f"stage1-{extended.name}"
     zhllama(
         "pretrain", "--stage", 1, "--model", extended, "--data", corpus, "--out", out, "--block-size", 128,
-        "--max-steps", steps, "--learning-rate", 2e-3, "--per-device-train-batch-size", 8, "--validation-split", 0,
+        "--max-steps", steps, "--learning-rate", 2e-3, "--per-device-train-batch-size", 4, "--validation-split", 0,
         "--cache-dir", work / "cache", "--use-cpu", "--save-strategy", "no", "--report-to", "none",
         "--disable-tqdm", "true", "--logging-steps", 25, "--overwrite",
     )  # fmt: skip
     return out
 
 
+def english_held_out() -> list[str]:
+    text = (ASSETS / "corpora" / "en" / "pride_and_prejudice.txt").read_text(encoding="utf-8-sig")
+    paragraphs = [" ".join(p.split()) for p in text.split("\n\n") if len(p.split()) >= 20]
+    return paragraphs[-SCORED_PARAGRAPHS:]
+
+
+def method_hash() -> str:
+    """The initialisation code's hash: a base's saved results and extended models are reused only
+    while it is unchanged."""
+    code = b"".join((REPO / "pretrain" / f).read_bytes() for f in ("init.py", "extend.py"))
+    return hashlib.sha256(code + json.dumps(STARTS).encode()).hexdigest()[:10]
+
+
+def bench_base(name: str, base: Path, tokenizer: str, role: str, args, cache: Path) -> dict:
+    """Step-0 and stage-1 figures of every start on one base; what an earlier run of the same
+    code measured is kept (extended models stay under the cache until the code changes)."""
+    train, held_out = hongloumeng()
+    held_out = held_out[:SCORED_PARAGRAPHS]
+    version = method_hash()
+    work = cache / "work" / f"{name}-{version}"
+    work.mkdir(parents=True, exist_ok=True)
+    saved = OUT / f"{name}.json"
+    previous = json.loads(saved.read_text()) if saved.is_file() else {}
+    if previous.get("method") != version:
+        previous = {}
+    sample = work / "init_sample.txt"
+    sample.write_text("\n".join(train[:: max(1, len(train) // SAMPLE_PARAGRAPHS)]) + "\n", encoding="utf-8")
+    stage1_corpus = work / "stage1.txt"  # another slice of the training part than the sample
+    stage1_corpus.write_text("\n".join(train[1 :: max(1, len(train) // 400)]) + "\n", encoding="utf-8")
+    merged = merged_tokenizer(cache, tokenizer)
+    english = name == "stories260K"
+    report = {"base": name, "role": role, "tokenizer": tokenizer, "method": version, "step0": {}, "after_stage1": {},
+              "stage1_steps": args.stage1_steps, "seconds": {}, "extend_figures": {}}  # fmt: skip
+    for key in ("step0", "seconds", "extend_figures") + (("after_stage1",) if previous.get("stage1_steps") == args.stage1_steps else ()):
+        report[key].update(previous.get(key, {}))
+    for key in ("english_base", "english_default"):
+        if key in previous:
+            report[key] = previous[key]
+    clock = time.perf_counter()
+    if "base" not in report["step0"]:
+        report["step0"]["base"] = score(base, held_out)
+    if english and "english_base" not in report:
+        report["english_base"] = score(base, english_held_out())
+    report["seconds"].setdefault("score base", round(time.perf_counter() - clock, 1))
+    for start, flags in STARTS.items():
+        if args.starts is not None and start not in args.starts:
+            continue
+        extended = work / ("extended-" + start.replace(" ", "-"))
+        corpus_flags = ["--init-corpus", sample] if start == "default" else []
+        if not (extended / "zhllama.json").is_file():
+            clock = time.perf_counter()
+            zhllama("extend", "--model", base, "--tokenizer", merged, "--out", extended, "--overwrite", *flags, *corpus_flags)
+            report["seconds"][f"extend {start}"] = round(time.perf_counter() - clock, 1)
+        report["extend_figures"][start] = json.loads((extended / "zhllama.json").read_text())["figures"]
+        if start not in report["step0"]:
+            report["step0"][start] = score(extended, held_out)
+        if english and start == "default" and "english_default" not in report:
+            report["english_default"] = score(extended, english_held_out())
+        if args.stage1_steps and start not in report["after_stage1"]:
+            clock = time.perf_counter()
+            stage1 = train_stage1(work, extended, stage1_corpus, args.stage1_steps)
+            report["after_stage1"][start] = score(extended, held_out, (stage1,))
+            report["seconds"][f"stage 1 {start}"] = round(time.perf_counter() - clock, 1)
+        saved.write_text(json.dumps(report, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    log = base / "train_log.json"
+    if log.is_file():
+        report["train_log"] = json.loads(log.read_text())
+    return report
+
+
+def print_table(reports: list[dict]) -> None:
+    starts = list(STARTS)
+    steps = sorted({r["stage1_steps"] for r in reports if r["after_stage1"]})
+    print(f"\nbits per character on {SCORED_PARAGRAPHS} held-out paragraphs of 红楼梦 at step 0, vs base "
+          f"(in brackets: after {'/'.join(map(str, steps)) or 'no'} stage-1 steps; -: not measured)")  # fmt: skip
+    print(f"{'base':<24}{'role':<7}{'base':>7}" + "".join(f"{s:>20}" for s in starts))
+    for r in reports:
+        b = r["step0"]["base"]
+        cells = []
+        for s in starts:
+            if s not in r["step0"]:
+                cells.append(f"{'-':>20}")
+                continue
+            cell = f"{r['step0'][s]:.2f} {r['step0'][s] / b - 1:+.0%}"
+            if s in r["after_stage1"]:
+                cell += f" ({r['after_stage1'][s]:.2f})"
+            cells.append(f"{cell:>20}")
+        print(f"{r['base']:<24}{r['role']:<7}{b:>7.2f}" + "".join(cells))
+    for r in reports:
+        if "english_base" in r:
+            if "english_default" not in r:
+                continue
+            change = r["english_default"] / r["english_base"] - 1
+            print(f"{r['base']}: English bits/char {r['english_base']:.4f} -> {r['english_default']:.4f} after extend ({change:+.2%})")
+        if "default" in r["extend_figures"]:
+            f = r["extend_figures"]["default"]
+            print(f"{r['base']}: default extend {f['seconds']:.0f}s; stage 0 read {f.get('distil_spelled_tokens', 0):,} base tokens, "
+                  f"cost {f.get('distil_cost_token_forwards', 0):,} token forwards, kept step {f.get('distil_kept_step')} "
+                  f"(held-out NLL by step {f.get('distil_held_out_curve')})")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=150, help="training steps of the base model")
-    parser.add_argument("--batch-size", type=int, default=8, help="blocks of 128 tokens per step")
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--held-out", type=int, default=200, help="paragraphs held out for scoring")
-    parser.add_argument("--stage1-steps", type=int, default=0, help="also train stage 1 this many steps per start and score again")
-    parser.add_argument("--workdir", type=Path, default=None, help="keep the models here (default: a temporary directory)")
+    parser.add_argument("--only", nargs="*", default=None, help="measure only these bases (the table shows every base measured so far)")
+    parser.add_argument("--stage1-steps", type=int, default=100, help="stage-1 steps per start (0: step 0 only)")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="trained bases and merged tokenizers, keyed by settings")
+    parser.add_argument("--starts", nargs="*", default=None, choices=list(STARTS), help="measure only these starts")
+    parser.add_argument("--table", action="store_true", help="only print the table of the bases measured so far")
     args = parser.parse_args()
     if not ASSETS.is_dir():
         sys.exit(f"needs the real assets at {ASSETS}")
-    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    OUT.mkdir(parents=True, exist_ok=True)
+    bases = [(s.name, s.tokenizer, s.role, s) for s in FAMILY] + [("stories260K", "sp512", "report", None)]
     started = time.perf_counter()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="zhllama-bench-init-"))
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
-        run(args, work, started)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
-
-
-def run(args, work: Path, started: float) -> None:
-    paragraphs = chapters((ASSETS / "corpora" / "zh" / "hongloumeng.txt").read_text(encoding="utf-8"))
-    train, held_out = paragraphs[: -args.held_out], paragraphs[-args.held_out :]
-    base = build_base(work, train, args.steps, args.batch_size, args.hidden, args.layers)
-    merged = work / "merged"
-    zhllama(
-        "vocab", "merge", "--base", ASSETS / "tokenizers" / "llama" / "tokenizer.model",
-        "--add", ASSETS / "tokenizers" / "chinese-llama" / "chinese_sp.model", "--out", merged,
-    )  # fmt: skip
-
-    timings = {"train base": time.perf_counter() - started}
-    clock = time.perf_counter()
-    results = {"base (LLaMA tokenizer)": score(base, held_out)}
-    timings["score base"] = time.perf_counter() - clock
-    corpus = work / "train.txt"
-    corpus.write_text("\n".join(train[:400]) + "\n", encoding="utf-8")
-    trained = {}
-    for name, flags in VARIANTS.items():
-        extended = work / ("extended-" + name.replace(", ", "-").replace(" ", "-"))
-        clock = time.perf_counter()
-        zhllama("extend", "--model", base, "--tokenizer", merged, "--out", extended, *flags)
-        timings[f"extend {name}"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        results[name] = score(extended, held_out)
-        timings[f"score {name}"] = time.perf_counter() - clock
-        if args.stage1_steps:
-            clock = time.perf_counter()
-            stage1 = train_stage1(work, extended, corpus, args.stage1_steps)
-            trained[name] = score(extended, held_out, (stage1,))
-            timings[f"stage 1 {name}"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    sizes = adapter_sizes(work, work / "extended-subword-mean", corpus)
-    timings["stage-1 adapters"] = time.perf_counter() - clock
-    figures = json.loads((work / "extended-subword-mean" / "zhllama.json").read_text())["figures"]
-    base_bpc = results["base (LLaMA tokenizer)"]["bits_per_character"]
-
-    first = next(iter(VARIANTS))
-    print(f"\nbits per character on {len(held_out)} held-out paragraphs of 红楼梦 ({results[first]['characters']:,} characters), step 0")
-    after = f"{'after ' + str(args.stage1_steps) + ' steps':>17}" if trained else ""
-    print(f"{'model':<26}{'tokens/char':>12}{'perplexity':>12}{'bits/char':>11}{'vs base':>9}{after}")
-    for name, r in results.items():
-        line = (f"{name:<26}{r['tokens_per_character']:>12.3f}{r['perplexity']:>12.2f}{r['bits_per_character']:>11.3f}"
-                f"{r['bits_per_character'] / base_bpc - 1:>+9.1%}")  # fmt: skip
-        if name in trained:
-            line += f"{trained[name]['bits_per_character']:>17.3f}"
-        print(line)
-    new_rows, hidden = figures["new_rows"], figures["hidden_size"]
-    llama7b = {"new_rows": 49953 - 32000, "rows": 49953, "hidden": 4096}
-    ratio_7b = llama7b["new_rows"] / llama7b["rows"]
-    print(f"\nstage-1 adapter, this model ({new_rows:,} new rows x {hidden}): new rows {sizes['new']:,} bytes, "
-          f"whole matrices {sizes['all']:,} bytes (x{sizes['all'] / sizes['new']:.2f})")  # fmt: skip
-    print(f"LLaMA-7B shapes (32000 -> 49953 rows, hidden 4096, untied, fp16): new rows "
-          f"{llama7b['new_rows'] * 4096 * 2 * 2 / 2**20:,.0f} MiB vs whole matrices {llama7b['rows'] * 4096 * 2 * 2 / 2**20:,.0f} MiB "
-          f"(ratio {ratio_7b:.3f}, x{1 / ratio_7b:.2f} smaller)")  # fmt: skip
-    report = {
-        "command": "python bench/init.py " + " ".join(sys.argv[1:]),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "held_out_paragraphs": len(held_out),
-        "results": results,
-        "after_stage1": trained,
-        "extend_figures": figures,
-        "stage1_adapter_bytes": sizes,
-        "llama7b_adapter_ratio": ratio_7b,
-        "seconds": round(time.perf_counter() - started, 1),
-        "seconds_by_phase": {k: round(v, 1) for k, v in timings.items()},
-    }
-    print("\ntime: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {report['seconds']:.0f}s")
-    out = REPO / "bench" / "out" / "init.json"
-    out.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    print(f"\nreproduce: .venv/bin/python bench/init.py {' '.join(sys.argv[1:])}   (wrote {out.relative_to(REPO)})")
+    for name, tokenizer, role, spec in bases if not args.table else []:
+        if args.only is not None and name not in args.only:
+            continue
+        base = stories260k(args.cache_dir) if spec is None else train_base(spec, args.cache_dir)
+        bench_base(name, base, tokenizer, role, args, args.cache_dir)
+    reports = [json.loads((OUT / f"{name}.json").read_text()) for name, *_ in bases if (OUT / f"{name}.json").is_file()]
+    print_table(reports)
+    (REPO / "bench" / "out" / "init.json").write_text(json.dumps(reports, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    print(f"\n{time.perf_counter() - started:.0f}s; reproduce: .venv/bin/python bench/init.py {' '.join(sys.argv[1:])}")
 
 
 if __name__ == "__main__":

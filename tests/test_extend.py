@@ -93,11 +93,11 @@ def test_logprob_head_rows_carry_the_base_probability_of_each_piece(
     every row's difference, divided by its offset, is the same vector. The random base's c_p
     fall below the floor from three pieces on, so the floor is lowered out of the way: every
     checked offset then depends on c_p."""
-    from zhllama.pretrain import extend as extend_module
-    from zhllama.pretrain.extend import HEAD_LIFT, HEAD_LOGPROB_SCALE, subword_ids
+    from zhllama.pretrain import init as init_module
+    from zhllama.pretrain.init import HEAD_LIFT, HEAD_LOGPROB_SCALE, subword_ids
     from zhllama.vocab.spmodel import load_sp_proto
 
-    monkeypatch.setattr(extend_module, "HEAD_LOGPROB_FLOOR", -1e9)
+    monkeypatch.setattr(init_module, "HEAD_LOGPROB_FLOOR", -1e9)
     out = extend(tmp_path, tiny_model_dir, merged_dir)
     figures = manifest(out)["figures"]
     assert figures["head_init"] == "logprob"
@@ -124,28 +124,84 @@ def test_logprob_head_rows_carry_the_base_probability_of_each_piece(
     assert directions[0].norm() > 0
 
 
-def test_logprob_head_starts_better_than_a_mean_head(tmp_path, base_tokenizer_dir, chinese_corpus, merged_dir):
+@pytest.fixture(scope="module")
+def trained_base(tmp_path_factory, base_tokenizer_dir, chinese_corpus):
+    """A tiny LLaMA that has learnt some Chinese through byte fallback, its training text and
+    held-out text."""
+    work = tmp_path_factory.mktemp("trained")
+    lines = chinese_corpus.read_text(encoding="utf-8").splitlines()
+    held_out = tiny.write_lines(work / "held_out.txt", lines[-60:])
+    train = tiny.write_lines(work / "train.txt", lines[:-60])
+    base = tiny.write_tiny_llama(work / "base", base_tokenizer_dir)
+    tiny.pretrain_tiny_llama(base, lines[:-60], steps=150, block_size=64, batch_size=16)
+    return base, train, held_out
+
+
+def bits_per_character(model, held_out) -> float:
+    from zhllama.pretrain import EvalOptions, evaluate_chain
+
+    options = EvalOptions(model=model, data=[str(held_out)], block_size=64)
+    return evaluate_chain(options).corpora[str(held_out)]["bits_per_character"]
+
+
+def test_logprob_head_starts_better_than_a_mean_head(tmp_path, trained_base, merged_dir):
     """The point of --head-init logprob, on a tiny LLaMA that has learnt some Chinese through
     byte fallback: at step 0 its bits per character on held-out text are lower than with
     averaged head rows, and within 10% of the base model's."""
-    from zhllama.pretrain import EvalOptions, evaluate_chain
-
-    lines = chinese_corpus.read_text(encoding="utf-8").splitlines()
-    held_out = tmp_path / "held_out.txt"
-    held_out.write_text("\n".join(lines[-60:]) + "\n", encoding="utf-8")
-    base = tiny.write_tiny_llama(tmp_path / "base", base_tokenizer_dir)
-    tiny.pretrain_tiny_llama(base, lines[:-60], steps=150, block_size=64, batch_size=16)
+    base, _, held_out = trained_base
     (tmp_path / "mean-head").mkdir()
-    bits = {}
-    for name, model in (
-        ("base", base),
-        ("logprob", extend(tmp_path, base, merged_dir, "subword-mean")),
-        ("mean", extend(tmp_path / "mean-head", base, merged_dir, "subword-mean", "--head-init", "mean")),
-    ):
-        options = EvalOptions(model=model, data=[str(held_out)], block_size=64)
-        bits[name] = evaluate_chain(options).corpora[str(held_out)]["bits_per_character"]
+    bits = {
+        "base": bits_per_character(base, held_out),
+        "logprob": bits_per_character(extend(tmp_path, base, merged_dir, "subword-mean"), held_out),
+        "mean": bits_per_character(extend(tmp_path / "mean-head", base, merged_dir, "subword-mean", "--head-init", "mean"), held_out),
+    }
     assert bits["logprob"] < bits["mean"] - 0.1, bits
     assert bits["logprob"] < bits["base"] * 1.10, bits
+
+
+def test_stage0_distils_the_base_into_the_new_rows_only(tmp_path, trained_base, merged_dir, capsys):
+    """--init-corpus: stage 0 lowers its distillation loss, moves only the new rows (base rows
+    bit-identical, padding rows the base mean) and starts within 5% of the base model's bits per
+    character on held-out text; the summary says what it did."""
+    base, train, held_out = trained_base
+    out = extend(tmp_path, base, merged_dir, "subword-mean", "--init-corpus", train, "--init-steps", "40", "--init-blocks", "256")
+    assert "stage 0: 40 steps" in capsys.readouterr().out
+    figures = manifest(out)["figures"]
+    assert figures["distil_loss_last"] < figures["distil_loss_first"]
+    assert figures["distil_spelled_tokens"] > figures["distil_merged_tokens"] > 0
+    before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
+    (tmp_path / "closed").mkdir()
+    closed = load_file(extend(tmp_path / "closed", base, merged_dir) / "model.safetensors")
+    n, size = figures["base_vocab_size"], figures["tokenizer_size"]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(after[name][:n], before[name])
+        assert not torch.allclose(after[name][n:size], closed[name][n:size])  # stage 0 moved them
+        torch.testing.assert_close(after[name][size:], before[name].mean(dim=0).expand(len(after[name]) - size, -1))
+    assert abs(bits_per_character(out, held_out) / bits_per_character(base, held_out) - 1) < 0.05
+
+
+def test_stage0_on_a_tied_model_keeps_it_tied(tmp_path, tiny_tied_model_dir, merged_dir, chinese_corpus):
+    out = extend(tmp_path, tiny_tied_model_dir, merged_dir, "subword-mean", "--init-corpus", chinese_corpus, "--init-steps", "3", "--init-blocks", "16")
+    after, before = load_file(out / "model.safetensors"), load_file(tiny_tied_model_dir / "model.safetensors")
+    assert "lm_head.weight" not in after
+    n = manifest(out)["figures"]["base_vocab_size"]
+    assert torch.equal(after["model.embed_tokens.weight"][:n], before["model.embed_tokens.weight"])
+    assert manifest(out)["inputs"]["init_corpus"]
+
+
+def test_spelling_writes_each_new_piece_as_its_base_pieces(tiny_model_dir, merged_dir, merged_sp):
+    from zhllama.pretrain.init import spell, subword_ids
+    from zhllama.vocab.spmodel import load_sp_proto
+
+    base_sp = spm.SentencePieceProcessor(model_file=str(tiny_model_dir / "tokenizer.model"))
+    splits = subword_ids(load_sp_proto(tiny_model_dir, role="model"), load_sp_proto(merged_dir, role="tokenizer"))
+    text = "我们今天去北京看看。Hello 2024"
+    ids = merged_sp.encode(text)
+    assert any(i >= base_sp.get_piece_size() for i in ids)
+    spelled, ends = spell(ids, splits, base_sp.get_piece_size(), unk_id=0)
+    assert base_sp.decode(spelled) == merged_sp.decode(ids) == text
+    assert len(ends) == len(ids) and ends[-1] == len(spelled) - 1
+    assert base_sp.decode(spelled[: ends[2] + 1]) == merged_sp.decode(ids[:3])
 
 
 @pytest.mark.parametrize("init", ["subword-mean", "mean", "random"])
@@ -212,6 +268,12 @@ def test_missing_model_and_bad_flags(tmp_path, merged_dir, tiny_model_dir, capsy
     run(["extend", "--model", tiny_model_dir, "--tokenizer", merged_dir, "--out", tmp_path / "o", "--device", "nodevice"], expect=1)
     err = capsys.readouterr().err
     assert "--device nodevice" in err and len(err.strip().splitlines()) == 1
+    empty = tiny.write_lines(tmp_path / "empty.txt", [])
+    run(["extend", "--model", tiny_model_dir, "--tokenizer", merged_dir, "--out", tmp_path / "o", "--init-corpus", empty], expect=1)
+    err = capsys.readouterr().err
+    assert "empty.txt" in err and "no non-empty documents" in err and len(err.strip().splitlines()) == 1
+    run(["extend", "--model", tiny_model_dir, "--tokenizer", merged_dir, "--out", tmp_path / "o", "--init", "random", "--init-corpus", empty], expect=1)
+    assert "--init-corpus" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
