@@ -399,6 +399,19 @@ def _(ctx):
     return train(ctx, ctx.chain.corpus, "--vocab-size", "5"), "--vocab-size must be at least 10"
 
 
+@case("extend-init-corpus-without-subword-mean")
+def _(ctx):
+    argv = ["extend", "--model", ctx.tiny_model_dir, "--tokenizer", ctx.merged_tokenizer_dir, "--out", ctx.out,
+            "--init", "random", "--init-corpus", ctx.chain.corpus]  # fmt: skip
+    return argv, "--init-corpus trains the rows --init subword-mean starts"
+
+
+@case("extend-max-shard-size-unparseable")
+def _(ctx):
+    argv = ["extend", "--model", ctx.tiny_model_dir, "--tokenizer", ctx.merged_tokenizer_dir, "--out", ctx.out, "--max-shard-size", "2XB"]
+    return argv, "--max-shard-size: '2XB' is not a size like 2GB"
+
+
 @case("vocab-merge-nothing-to-add")
 def _(ctx):
     return ["vocab", "merge", "--base", ctx.base_tokenizer_dir, "--out", ctx.out], "pass at least one --add SP_MODEL or --words FILE"
