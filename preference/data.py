@@ -252,6 +252,24 @@ def tokenize_pair_files(options: PairDataArgs, pairs, held_out, report: Preferen
     return PairData(train, validation, report)
 
 
+def write_pair_manifest(out_dir, command: str, options: PairDataArgs, figures: dict, report: PreferenceReport, data: PairData, chain, **counts) -> None:
+    """``zhllama.json`` of a preference stage: its figures (``counts`` such as before/after),
+    the pairs it read, the template and the chain. A preference loss has no perplexity."""
+    from zhllama.provenance import write_manifest
+
+    figures.pop("eval_perplexity", None)
+    figures.update(data=report.as_dict(), train_pairs=len(data.train), validation_pairs=len(data.validation), **counts)
+    write_manifest(
+        out_dir,
+        command=command,
+        options=options,
+        inputs={"data": list(options.data), "validation_data": list(options.validation_data)},
+        figures=figures,
+        template=options.template,
+        chain=chain.describe(),
+    )
+
+
 def set_pad_token(tokenizer) -> int:
     """A pad id for batching (masked out everywhere, so any id that never ends a text will do).
 

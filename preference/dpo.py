@@ -21,8 +21,7 @@ from pathlib import Path
 from zhllama.args import ChainArgs, LoraArgs, OutputArgs
 from zhllama.options import option
 from zhllama.outdir import check_output_target
-from zhllama.provenance import write_manifest
-from zhllama.preference.data import PairDataArgs, read_pair_files, set_pad_token, tokenize_pair_files
+from zhllama.preference.data import PairDataArgs, read_pair_files, set_pad_token, tokenize_pair_files, write_pair_manifest
 from zhllama.preference.scoring import PairFigures, answer_logps
 from zhllama.sft.templates import get_template
 from zhllama.training import (
@@ -138,17 +137,7 @@ def dpo(options: DPOOptions, training=None) -> DPOResult:
             for split in rows
         }
         add_chat_template(out_dir, get_template(options.template))
-        figures.pop("eval_perplexity", None)  # exp of a preference loss means nothing
-        figures.update(data=report.as_dict(), train_pairs=len(data.train), validation_pairs=len(data.validation), before=before, after=after)
-        write_manifest(
-            out_dir,
-            command="dpo",
-            options=options,
-            inputs={"data": list(options.data), "validation_data": list(options.validation_data)},
-            figures=figures,
-            template=options.template,
-            chain=chain.describe(),
-        )
+        write_pair_manifest(out_dir, "dpo", options, figures, report, data, chain, before=before, after=after)
     return DPOResult(Path(options.out), figures, before, after)
 
 

@@ -28,7 +28,7 @@ from zhllama.corpus import read_json_records
 from zhllama.errors import ZhllamaError
 from zhllama.options import at_least, option
 from zhllama.outdir import atomic_output_file, check_output_target
-from zhllama.provenance import read_manifest, write_manifest
+from zhllama.provenance import read_manifest
 from zhllama.preference.data import (
     PairDataArgs,
     PreferenceReport,
@@ -40,6 +40,7 @@ from zhllama.preference.data import (
     split_last_answer,
     tokenize_pair,
     tokenize_pair_files,
+    write_pair_manifest,
 )
 from zhllama.preference.scoring import PairFigures, rm_figures, sequence_rewards
 from zhllama.sft.data import SkipRecord, conversation_from_record, special_texts
@@ -137,17 +138,7 @@ def rm(options: RMOptions, training=None) -> RMResult:
         )
         # peft wrapped the layers and the head of ``model`` in place: it is the trained reward model now
         after = {split: rm_figures(model, split_rows, pad_id=pad_id, batch_size=batch) for split, split_rows in rows.items()}
-        figures.pop("eval_perplexity", None)
-        figures.update(data=report.as_dict(), train_pairs=len(data.train), validation_pairs=len(data.validation), before=before, after=after)
-        write_manifest(
-            out_dir,
-            command="rm",
-            options=options,
-            inputs={"data": list(options.data), "validation_data": list(options.validation_data)},
-            figures=figures,
-            template=options.template,
-            chain=chain.describe(),
-        )
+        write_pair_manifest(out_dir, "rm", options, figures, report, data, chain, before=before, after=after)
     return RMResult(Path(options.out), figures)
 
 
