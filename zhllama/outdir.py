@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Iterator
 
 from zhllama.errors import ZhllamaError
-from zhllama.provenance import describe_input, file_sha256, library_versions, read_manifest, write_manifest  # noqa: F401  (moved)
 
 
 def _host() -> str:
