@@ -9,13 +9,12 @@ with its tokenizer merged with Chinese-LLaMA's 20k Chinese pieces (``zhllama voc
 every start and scored on the held-out end of 红楼梦, text no base and no stage 0 ever read;
 stories260K is also scored on English (Pride and Prejudice), which must not move by 1%.
 
-Starts: ``default`` = ``zhllama extend --init-corpus SAMPLE`` (closed-form rows, then the
-distillation stage 0 on a sample of the training part of 红楼梦); ``closed form`` = ``extend``
-with no corpus; ``mean head`` = ``--head-init mean``; ``mean`` and ``random`` = ``--init``.
-The method's constants (pretrain/init.py) were chosen on the bases marked "fit" and are only
+Starts: ``default`` = ``zhllama extend --init-corpus SAMPLE`` (closed-form rows, then stage 0
+on a sample of the training part of 红楼梦); ``closed form`` = ``extend`` with no corpus; ``mean head`` = ``--head-init mean``; ``mean`` and ``random`` = ``--init``.
+The method's constants (pretrain/init.py, pretrain/stage0.py) were chosen on the bases marked "fit" and are only
 reported on the others.
 
-Run:  .venv/bin/python bench/init.py [--only NAME ...] [--stage1-steps 100] [--cache-dir DIR]
+Run:  .venv/bin/python bench/init.py [--only NAME ...] [--starts START ...] [--stage1-steps 100] [--cache-dir DIR]
 Needs ../shared/assets. Writes bench/out/init/<base>.json per base and prints the table of every
 base measured so far (bench/out/init.json holds them all).
 """
@@ -91,48 +90,61 @@ def english_held_out() -> list[str]:
     return paragraphs[-SCORED_PARAGRAPHS:]
 
 
-def method_hash() -> str:
-    """The initialisation code's hash: a base's saved results and extended models are reused only
-    while it is unchanged."""
-    code = b"".join((REPO / "pretrain" / f).read_bytes() for f in ("init.py", "extend.py"))
-    return hashlib.sha256(code + json.dumps(STARTS).encode()).hexdigest()[:10]
+def method_hash(start: str) -> str:
+    """The hash of the code a start's figures come from: a base's saved results and extended models
+    are reused only while it is unchanged (the closed-form starts do not depend on stage 0)."""
+    files = ("init.py", "extend.py") + (("stage0.py",) if start == "default" else ())
+    code = b"".join((REPO / "pretrain" / f).read_bytes() for f in files)
+    return hashlib.sha256(code + json.dumps(STARTS[start]).encode()).hexdigest()[:10]
 
 
 def bench_base(name: str, base: Path, tokenizer: str, role: str, args, cache: Path) -> dict:
     """Step-0 and stage-1 figures of every start on one base; what an earlier run of the same
-    code measured is kept (extended models stay under the cache until the code changes)."""
+    code measured is kept (extended models stay under the cache while their code is unchanged)."""
     train, held_out = hongloumeng()
     held_out = held_out[:SCORED_PARAGRAPHS]
-    version = method_hash()
-    work = cache / "work" / f"{name}-{version}"
+    work = cache / "work" / name
     work.mkdir(parents=True, exist_ok=True)
     saved = OUT / f"{name}.json"
     previous = json.loads(saved.read_text()) if saved.is_file() else {}
-    if previous.get("method") != version:
-        previous = {}
     sample = work / "init_sample.txt"
     sample.write_text("\n".join(train[:: max(1, len(train) // SAMPLE_PARAGRAPHS)]) + "\n", encoding="utf-8")
     stage1_corpus = work / "stage1.txt"  # another slice of the training part than the sample
     stage1_corpus.write_text("\n".join(train[1 :: max(1, len(train) // 400)]) + "\n", encoding="utf-8")
     merged = merged_tokenizer(cache, tokenizer)
     english = name == "stories260K"
-    report = {"base": name, "role": role, "tokenizer": tokenizer, "method": version, "step0": {}, "after_stage1": {},
+    report = {"base": name, "role": role, "tokenizer": tokenizer, "methods": {}, "step0": {}, "after_stage1": {},
               "stage1_steps": args.stage1_steps, "seconds": {}, "extend_figures": {}}  # fmt: skip
-    for key in ("step0", "seconds", "extend_figures") + (("after_stage1",) if previous.get("stage1_steps") == args.stage1_steps else ()):
-        report[key].update(previous.get(key, {}))
-    for key in ("english_base", "english_default"):
-        if key in previous:
-            report[key] = previous[key]
+    same_stage1 = previous.get("stage1_steps") == args.stage1_steps
+    for start in ["base", *STARTS]:
+        version = "base" if start == "base" else method_hash(start)
+        if previous.get("methods", {}).get(start) != version:
+            continue
+        report["methods"][start] = version
+        for key in ("step0", "seconds", "extend_figures") + (("after_stage1",) if same_stage1 else ()):
+            for entry in [k for k in previous.get(key, {}) if k == start or k.endswith(f" {start}")]:
+                report[key][entry] = previous[key][entry]
+        for key in {"base": ("english_base",), "default": ("english_default",)}.get(start, ()):
+            if key in previous:
+                report[key] = previous[key]
+
+    def save() -> None:
+        saved.write_text(json.dumps(report, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
     clock = time.perf_counter()
+    report["methods"]["base"] = "base"
     if "base" not in report["step0"]:
         report["step0"]["base"] = score(base, held_out)
     if english and "english_base" not in report:
         report["english_base"] = score(base, english_held_out())
     report["seconds"].setdefault("score base", round(time.perf_counter() - clock, 1))
+    save()
     for start, flags in STARTS.items():
         if args.starts is not None and start not in args.starts:
             continue
-        extended = work / ("extended-" + start.replace(" ", "-"))
+        version = method_hash(start)
+        report["methods"][start] = version
+        extended = work / f"extended-{start.replace(' ', '-')}-{version}"
         corpus_flags = ["--init-corpus", sample] if start == "default" else []
         if not (extended / "zhllama.json").is_file():
             clock = time.perf_counter()
@@ -143,12 +155,13 @@ def bench_base(name: str, base: Path, tokenizer: str, role: str, args, cache: Pa
             report["step0"][start] = score(extended, held_out)
         if english and start == "default" and "english_default" not in report:
             report["english_default"] = score(extended, english_held_out())
-        if args.stage1_steps and start not in report["after_stage1"]:
+        save()
+        if args.stage1_steps and start in args.stage1_starts and start not in report["after_stage1"]:
             clock = time.perf_counter()
             stage1 = train_stage1(work, extended, stage1_corpus, args.stage1_steps)
             report["after_stage1"][start] = score(extended, held_out, (stage1,))
             report["seconds"][f"stage 1 {start}"] = round(time.perf_counter() - clock, 1)
-        saved.write_text(json.dumps(report, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+            save()
     log = base / "train_log.json"
     if log.is_file():
         report["train_log"] = json.loads(log.read_text())
@@ -181,9 +194,9 @@ def print_table(reports: list[dict]) -> None:
             print(f"{r['base']}: English bits/char {r['english_base']:.4f} -> {r['english_default']:.4f} after extend ({change:+.2%})")
         if "default" in r["extend_figures"]:
             f = r["extend_figures"]["default"]
-            print(f"{r['base']}: default extend {f['seconds']:.0f}s; stage 0 read {f.get('distil_spelled_tokens', 0):,} base tokens, "
-                  f"cost {f.get('distil_cost_token_forwards', 0):,} token forwards, kept step {f.get('distil_kept_step')} "
-                  f"(held-out NLL by step {f.get('distil_held_out_curve')})")  # fmt: skip
+            print(f"{r['base']}: default extend {f['seconds']:.0f}s; stage 0 on {f.get('stage0_tokens', 0):,} tokens, "
+                  f"cost {f.get('stage0_cost_token_forwards', 0):,} token forwards, kept step {f.get('stage0_kept_step')} "
+                  f"(held-out loss per token by step {f.get('stage0_held_out_curve')})")  # fmt: skip
 
 
 def main() -> None:
@@ -192,6 +205,8 @@ def main() -> None:
     parser.add_argument("--stage1-steps", type=int, default=100, help="stage-1 steps per start (0: step 0 only)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="trained bases and merged tokenizers, keyed by settings")
     parser.add_argument("--starts", nargs="*", default=None, choices=list(STARTS), help="measure only these starts")
+    parser.add_argument("--stage1-starts", nargs="*", default=["default", "mean head", "random"], choices=list(STARTS),
+                        help="the starts stage 1 trains from")  # fmt: skip
     parser.add_argument("--table", action="store_true", help="only print the table of the bases measured so far")
     args = parser.parse_args()
     if not ASSETS.is_dir():

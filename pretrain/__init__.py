@@ -4,7 +4,7 @@ The API, callable from a notebook:
 
 - :func:`extend_model` (:class:`ExtendOptions` -> :class:`ExtendResult`): resize a model to a
   merged tokenizer, new rows initialised from the base pieces they split into and, given
-  ``--init-corpus``, distilled from the base model (pretrain/init.py).
+  ``--init-corpus``, trained on it with everything else frozen (pretrain/init.py, pretrain/stage0.py).
 - :func:`build_blocks` / :func:`stream_blocks`: corpus → packed token blocks (cached Arrow).
 - :func:`pretrain_chain` (:class:`PretrainOptions`, ``TrainingArguments``) -> :class:`PretrainResult`: stage 1 or 2.
 - :func:`evaluate_chain` (:class:`EvalOptions`) and :func:`score_texts`: perplexity and bits per character.

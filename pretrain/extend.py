@@ -3,12 +3,12 @@ the new rows.
 
 The merged tokenizer keeps the base pieces at ids 0..N-1 (``zhllama vocab merge`` guarantees
 it; :func:`check_extends` re-checks), so the base rows stay where they are, bit for bit, and
-only rows N.. are new. How they start is pretrain/init.py's business: by default
+only rows N.. are new. How they start is pretrain/init.py's and pretrain/stage0.py's business: by default
 (``subword-mean``) a new input row is the mean of the rows of the pieces the *base* tokenizer
 splits its text into, and on an untied model its LM-head row carries the base model's
 probability of the piece's text (``--head-init logprob``). Given a sample of the new language
-(``--init-corpus``), a short distillation stage 0 then trains only the new rows to predict
-what the base model predicts on that sample. The matrices are padded to a multiple of 64 rows
+(``--init-corpus``), a short stage 0 then trains only the new rows on the model's next-token
+loss over that sample. The matrices are padded to a multiple of 64 rows
 (faster matmuls, tensor-parallel friendly); padding rows are set to the mean of the base
 LM-head rows, which lies inside the convex hull of the real rows, so a padding logit is an
 average of real logits and can never be the largest.
@@ -27,14 +27,8 @@ from zhllama.errors import ZhllamaError
 from zhllama.options import at_least, option
 from zhllama.outdir import atomic_output_dir, check_output_target, copy_files
 from zhllama.provenance import write_manifest
-from zhllama.pretrain.init import (
-    DistilSettings,
-    distil_new_rows,
-    fill_padding_rows,
-    init_head_logprob,
-    init_subword_mean,
-    subword_ids,
-)
+from zhllama.pretrain.init import fill_padding_rows, init_head_logprob, init_subword_mean, subword_ids
+from zhllama.pretrain.stage0 import Stage0Settings, train_new_rows
 
 INIT_METHODS = ("subword-mean", "mean", "random")
 HEAD_INIT_METHODS = ("logprob", "mean")
@@ -58,12 +52,12 @@ class ExtendOptions(CorpusArgs, OutputArgs):
     init_corpus: list[str] = option(
         default_factory=list,
         help="text in the new language (file, directory or glob; repeat the flag): with --init subword-mean, "
-        "a short stage 0 trains the new rows to predict what the base model predicts on it (absent: no stage 0)",
+        "a short stage 0 trains the new rows on the model's next-token loss over it (absent: no stage 0)",
     )
     init_steps: int = option(300, help="stage-0 steps over --init-corpus")
-    init_batch_size: int = option(4, help="stage-0 blocks per step")
+    init_batch_size: int = option(8, help="stage-0 blocks per step")
     init_block_size: int = option(128, help="stage-0 tokens of the merged tokenizer per block")
-    init_blocks: int = option(512, help="blocks of --init-corpus read for stage 0 (the teacher reads each once)")
+    init_blocks: int = option(2048, help="most blocks of --init-corpus stage 0 reads (a slice of them is held out to pick the step kept)")
     device: str = option("auto", help="device for the base-model passes of the initialisation (auto: cuda when available)")
     pad_to_multiple_of: int = option(64, help="round the number of embedding rows up to a multiple of this (1: no padding)")
     seed: int = option(0, help="random seed for --init mean and random, and stage 0's order")
@@ -114,10 +108,11 @@ class ExtendResult:
             + (f", head {f['head_init']}" if f.get("head_init") else "")
             + ")"
         )
-        if f.get("distil_steps"):
+        if f.get("stage0_steps"):
             line += (
-                f"; stage 0: {f['distil_steps']} steps on {f['distil_merged_tokens']:,} tokens of --init-corpus, "
-                f"distillation loss {f['distil_loss_first']:.3f} -> {f['distil_loss_last']:.3f}"
+                f"; stage 0: {f['stage0_steps']} steps on {f['stage0_tokens']:,} tokens of --init-corpus, "
+                f"held-out loss {f['stage0_held_out_nll_start']:.3f} -> {f['stage0_held_out_nll_kept']:.3f} "
+                f"(step {f['stage0_kept_step']} kept)"
             )
         elif f.get("init") == "subword-mean":
             line += "; no --init-corpus: closed-form start, no stage 0"
@@ -157,7 +152,7 @@ def read_init_corpus(options: ExtendOptions) -> list[str]:
 
 def extend_model(options: ExtendOptions) -> ExtendResult:
     """Resize a model's embeddings and LM head to a merged tokenizer and initialise the new rows
-    (with a distillation stage 0 when ``--init-corpus`` is given); write the extended model, its
+    (with stage 0 when ``--init-corpus`` is given); write the extended model, its
     tokenizer and zhllama.json to --out."""
     import torch
 
@@ -215,17 +210,17 @@ def extend_model(options: ExtendOptions) -> ExtendResult:
         head = model.get_output_embeddings().weight
         with torch.no_grad():
             head[base_size:tokenizer_size] = head_rows.to(head.dtype)
-    distil_figures = {}
+    stage0_figures = {}
     if sample and options.init_steps:
-        settings = DistilSettings(
+        settings = Stage0Settings(
             steps=options.init_steps,
             batch_size=options.init_batch_size,
             block_size=options.init_block_size,
             max_blocks=options.init_blocks,
             seed=options.seed,
         )
-        distil_figures = distil_new_rows(
-            model, base_size, tokenizer_size, sample, processor_from_proto(merged_proto), splits, settings, tied=tied, device=device
+        stage0_figures = train_new_rows(
+            model, base_size, tokenizer_size, sample, processor_from_proto(merged_proto), settings, tied=tied, device=device
         )
     for matrix in matrices:
         fill_padding_rows(matrix, tokenizer_size, base_size)
@@ -247,7 +242,7 @@ def extend_model(options: ExtendOptions) -> ExtendResult:
         figures["mean_base_pieces_per_new_row"] = round(sum(map(len, splits)) / len(splits), 3)
         figures["new_rows_without_split"] = unsplit
     figures.update(head_figures)
-    figures.update(distil_figures)
+    figures.update(stage0_figures)
     figures["seconds"] = round(time.perf_counter() - started, 1)
     inputs = {
         # hashing every byte of a large checkpoint would take minutes: record its fingerprint

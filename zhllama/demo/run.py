@@ -288,7 +288,8 @@ def run_pipeline(demo: Demo, data: dict[str, Path]) -> str:
     )
     stats = ["--tokenizer", base, "--tokenizer", tokenizer, data["heldout"], "--json", demo.path("vocab_stats.json")]
     demo.command("vocab stats (before/after)", ("vocab stats", stats))
-    demo.command("extend", ("extend", ["--model", base, "--tokenizer", tokenizer, "--out", extended, *overwrite]))
+    extend_argv = ["--model", base, "--tokenizer", tokenizer, "--out", extended, "--init-corpus", data["chinese"], *overwrite]
+    demo.command("extend (closed-form rows, then stage 0 on the Chinese corpus)", ("extend", extend_argv))
     demo.command("eval base and extended (before training)", evaluate(base, "base"), evaluate(extended, "extended"))
     stage1_argv = ["--stage", 1, "--model", extended, "--data", data["chinese"], "--out", stage1, *blocks,
                    "--max-steps", steps, "--learning-rate", "3e-3", *training, *overwrite]  # fmt: skip
