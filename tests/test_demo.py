@@ -130,10 +130,16 @@ def check_summary(figures: dict, work: Path) -> None:
     per_han = figures["tokens_per_han_char"]
     assert per_han["merged"] < per_han["base"]  # the merged vocabulary encodes Chinese in fewer tokens
     assert figures["vocab"]["merged"] > figures["vocab"]["base"]
+    bits = figures["bits_per_character"]
+    assert bits["extended"] < bits["base"]  # stage 0 (on the demo's corpus) starts the new rows below the base
     for name in ("stage1", "stage2", "sft"):
         stage = figures["stages"][name]
         assert math.isfinite(stage["loss_start"]) and math.isfinite(stage["loss_end"]), name
-        if name != "sft":  # pretraining validates on held-out blocks: each stage must improve on them
+        # pretraining validates on held-out blocks. Stage 1 trains the same rows as extend's stage 0
+        # did on the same small corpus, so it must keep what stage 0 found; stage 2 must improve
+        if name == "stage1":
+            assert stage["eval_loss"] < stage["eval_loss_before"] * 1.005, name
+        elif name == "stage2":
             assert stage["eval_loss"] < stage["eval_loss_before"], name
         assert stage["adapter_bytes"] > 0, name
         assert (work / name / "adapter_config.json").is_file()

@@ -289,10 +289,10 @@ def run_pipeline(demo: Demo, data: dict[str, Path]) -> str:
     stats = ["--tokenizer", base, "--tokenizer", tokenizer, data["heldout"], "--json", demo.path("vocab_stats.json")]
     demo.command("vocab stats (before/after)", ("vocab stats", stats))
     extend_argv = ["--model", base, "--tokenizer", tokenizer, "--out", extended, "--init-corpus", data["chinese"], *overwrite]
-    demo.command("extend (closed-form rows, then stage 0 on the Chinese corpus)", ("extend", extend_argv))
+    demo.command("extend", ("extend", extend_argv))  # closed-form rows, then stage 0 on the Chinese corpus
     demo.command("eval base and extended (before training)", evaluate(base, "base"), evaluate(extended, "extended"))
     stage1_argv = ["--stage", 1, "--model", extended, "--data", data["chinese"], "--out", stage1, *blocks,
-                   "--max-steps", steps, "--learning-rate", "3e-3", *training, *overwrite]  # fmt: skip
+                   "--max-steps", steps, "--learning-rate", "1e-3", *training, *overwrite]  # fmt: skip
     demo.command("pretrain stage 1 (new rows)", ("pretrain", stage1_argv))
     stage2_argv = ["--stage", 2, "--model", extended, "--adapter", stage1, "--data", data["chinese"], "--out", stage2, *blocks,
                    "--max-steps", steps, "--learning-rate", "1e-3", "--lora-r", 8, "--lora-alpha", 16, *training, *overwrite]  # fmt: skip
