@@ -38,7 +38,7 @@ while [ $# -gt 0 ]; do
 done
 
 # Packages a GPU image with torch/transformers/accelerate/peft usually lacks, at the versions
-# pyproject.toml pins (bitsandbytes for --load-in-4bit; datasets and its two helpers; peft in case
+# constraints.txt pins (bitsandbytes for --load-in-4bit; datasets and its two helpers; peft in case
 # the box's is older than the trainable-token adapters need).
 WHEELS="datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 peft==0.21.2 bitsandbytes==0.50.2"
 ASSET_FILES="tokenizers/llama/tokenizer.model tokenizers/chinese-llama/chinese_sp.model corpora/zh/hongloumeng.txt sft/ruozhiba_qa2449_zh.json"
