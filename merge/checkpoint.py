@@ -328,6 +328,10 @@ class ShardWriter:
             offset = end
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # the data must start 8-byte aligned
+        start = 8 + len(raw)
+        # where each tensor lies in the file, by the header (read back by merge --verify once written)
+        self.ranges = {name: ByteRange(path, start + entry["data_offsets"][0], entry["data_offsets"][1] - entry["data_offsets"][0])
+                       for name, entry in header.items() if name != "__metadata__"}
         self.fh = open(path, "wb", buffering=0)  # unbuffered: byte ranges are copied at the file's own position
         self._write(struct.pack("<Q", len(raw)) + raw)
 
@@ -370,6 +374,21 @@ class ShardWriter:
         if self.expected:
             raise RuntimeError(f"internal error: shard {self.path.name} is missing {[t.name for t in self.expected]}")
         return self.sha256.hexdigest() if self.sha256 is not None else None
+
+
+def read_range(source: ByteRange, info: TensorInfo) -> torch.Tensor:
+    """The tensor ``info`` on its bytes ``source``: a copy-on-write memory map of the file, so the
+    bytes come from the page cache as the tensor is read, and nothing is copied up front."""
+    import numpy as np
+
+    if source.length != info.numel * info.dtype.itemsize:
+        raise RuntimeError(f"internal error: {source.length} bytes for {info}")
+    if source.path.stat().st_size < source.offset + source.length:
+        raise ZhllamaError(f"{source.path}: ends before byte {source.offset + source.length}; the file is truncated")
+    if not source.length:
+        return torch.empty(info.shape, dtype=info.dtype)
+    data = np.memmap(source.path, dtype=np.uint8, mode="c", offset=source.offset, shape=(source.length,))
+    return torch.from_numpy(data).view(info.dtype).reshape(info.shape)
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
