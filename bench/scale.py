@@ -12,12 +12,16 @@ time (``.bin``), then runs each step as its own process:
 - ``zhllama export gguf --outtype bf16``.
 
 While a step runs its /proc/PID/status is read every 0.1 s: peak RssAnon (the process's own
-memory) and RssFile (mapped files, which the kernel can drop and re-read). The disk's own speed
-is measured before each step by copying the largest shard of its input (with fsync). Goal per
-step: RssAnon under 3 x the largest shard + the new embedding and head + 1 GiB, and wall time
-under 3 x the time of reading and writing the step's bytes once at that copy speed. Every file
-it writes is deleted as soon as no later step needs it; ``df`` is checked before each step and
-the run stops cleanly if the disk is too full (or on SIGTERM).
+memory) and RssFile (mapped files, which the kernel can drop and re-read); getrusage gives the
+bytes it really read from and wrote to the disk, and the load average is recorded before and
+after it. The disk's own speed is measured before each step by copying the largest shard of its
+input to a fresh file, cold: the source dropped from the page cache first (POSIX_FADV_DONTNEED),
+the copy fsynced and dropped after; the step's input is dropped too, so neither is flattered by
+pages a previous step left cached. Goal per step: RssAnon under 3 x the largest shard + the new
+embedding and head + 1 GiB, and wall time under 3 x the time of reading and writing the step's
+bytes once at that copy speed. Every file it writes is deleted as soon as no later step needs
+it; ``df`` is checked before each step and the run stops cleanly if the disk is too full (or on
+SIGTERM).
 
     .venv/bin/python bench/scale.py --shape 7b --format safetensors [--shape 13b --format bin ...]
 
@@ -325,8 +329,9 @@ def bench_shape(shape: str, fmt: str, work: Path, shard_bytes: int, results: lis
             return  # the .bin run measures the conversion; the later steps read safetensors either way
         write_lora(extended, lora)
         check_disk(work, du(extended))
+        # the base once (verify runs on the merge's stream) and its embedding and head again (the chain's)
         step("merge --verify", ["merge", "--model", str(extended), "--adapter", str(lora), "--out", str(merged), "--verify"],
-             3 * du(extended), lambda: du(merged), new_matrices)
+             du(extended) + new_matrices, lambda: du(merged), new_matrices)
         manifest = json.loads((merged / "zhllama.json").read_text())
         facts[key]["verify_max_logit_diff"] = manifest["figures"]["max_logit_diff"]
         facts[key]["verify_tolerance"] = manifest["figures"]["logit_tolerance"]
