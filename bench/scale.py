@@ -12,12 +12,16 @@ time (``.bin``), then runs each step as its own process:
 - ``zhllama export gguf --outtype bf16``.
 
 While a step runs its /proc/PID/status is read every 0.1 s: peak RssAnon (the process's own
-memory) and RssFile (mapped files, which the kernel can drop and re-read). The disk's own speed
-is measured before each step by copying the largest shard of its input (with fsync). Goal per
-step: RssAnon under 3 x the largest shard + the new embedding and head + 1 GiB, and wall time
-under 3 x the time of reading and writing the step's bytes once at that copy speed. Every file
-it writes is deleted as soon as no later step needs it; ``df`` is checked before each step and
-the run stops cleanly if the disk is too full (or on SIGTERM).
+memory) and RssFile (mapped files, which the kernel can drop and re-read); getrusage gives the
+bytes it really read from and wrote to the disk, and the load average is recorded before and
+after it. The disk's own speed is measured before each step by copying the largest shard of its
+input to a fresh file, cold: the source dropped from the page cache first (POSIX_FADV_DONTNEED),
+the copy fsynced and dropped after; the step's input is dropped too, so neither is flattered by
+pages a previous step left cached. Goal per step: RssAnon under 3 x the largest shard + the new
+embedding and head + 1 GiB, and wall time under 3 x the time of reading and writing the step's
+bytes once at that copy speed. Every file it writes is deleted as soon as no later step needs
+it; ``df`` is checked before each step and the run stops cleanly if the disk is too full (or on
+SIGTERM).
 
     .venv/bin/python bench/scale.py --shape 7b --format safetensors [--shape 13b --format bin ...]
 
@@ -154,17 +158,37 @@ def check_disk(work: Path, needed: int, margin: int = 3 * GIB) -> None:
         raise DiskFull(f"only {free / GIB:.1f} GiB free on {work}, the next step needs {needed / GIB:.1f} GiB + {margin / GIB:.0f}")
 
 
+def drop_cache(path: Path) -> None:
+    """Ask the kernel to forget the cached pages of ``path`` (a file, or every file under a directory),
+    so the next read of it comes from the disk, as it would after a reboot."""
+    for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)  # dirty pages are not dropped: write them first
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def copy_speed(source: Path, work: Path) -> float:
-    """Bytes per second of copying a file (read + write, fsynced): the disk's own speed."""
+    """Bytes per second of reading and writing a file once: ``source`` dropped from the page cache
+    first (read from the disk), a fresh target fsynced and dropped after (written to the disk)."""
     target = work / "copy-speed.tmp"
+    target.unlink(missing_ok=True)
+    drop_cache(source)
     started = time.perf_counter()
     with open(source, "rb") as src, open(target, "wb") as dst:
         shutil.copyfileobj(src, dst, 16 << 20)
         dst.flush()
         os.fsync(dst.fileno())
     seconds = time.perf_counter() - started
+    drop_cache(target)
     target.unlink()
     return source.stat().st_size / seconds
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 @dataclass
@@ -180,12 +204,18 @@ class Step:
     written_bytes: int
     anon_goal_gib: float
     time_goal_s: float | None  # None: the step moves too few bytes for the disk to be its limit
+    disk_read_bytes: int  # what the kernel really read from / wrote to the disk for it (getrusage blocks)
+    disk_written_bytes: int
+    load_before: list[float]  # os.getloadavg(): 1, 5, 15 minutes
+    load_after: list[float]
 
     def row(self) -> str:
         anon = "ok" if self.rss_anon_gib <= self.anon_goal_gib else "OVER"
         wall = "n/a" if self.time_goal_s is None else f"{'ok' if self.wall_s <= self.time_goal_s else 'OVER'}, goal {self.time_goal_s:.0f}"
         return (f"| {self.shape} | {self.fmt} | {self.name} | {self.wall_s:.0f} s ({wall}) | {self.cpu_s:.0f} s | "
-                f"{self.rss_anon_gib:.2f} GiB ({anon}, goal {self.anon_goal_gib:.1f}) | {self.rss_file_gib:.2f} GiB |")
+                f"{self.rss_anon_gib:.2f} GiB ({anon}, goal {self.anon_goal_gib:.1f}) | {self.rss_file_gib:.2f} GiB | "
+                f"{self.disk_read_bytes / GIB:.1f} / {self.disk_written_bytes / GIB:.1f} GiB | "
+                f"{self.load_before[0]:.1f} → {self.load_after[0]:.1f} |")
 
 
 def _sample(pid: int, peaks: dict, done: threading.Event) -> None:
@@ -210,7 +240,8 @@ def _stop(signum, frame) -> None:
 
 
 def run_step(argv: list[str], log) -> tuple[float, float, dict]:
-    """Run ``python -m zhllama ARGV``; its wall time, CPU time and peak RssAnon/RssFile (bytes)."""
+    """Run ``python -m zhllama ARGV``; its wall time, CPU time and peaks: RssAnon/RssFile, and the
+    bytes it read from and wrote to the disk (``DiskRead``/``DiskWritten``, from getrusage's blocks)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "zhllama", *argv], stdout=log, stderr=log, env=env)
@@ -226,6 +257,7 @@ def run_step(argv: list[str], log) -> tuple[float, float, dict]:
     sampler.join()
     if code != 0:
         raise RuntimeError(f"zhllama {' '.join(argv)} exited {code}; see the log")
+    peaks["DiskRead"], peaks["DiskWritten"] = usage.ru_inblock * 512, usage.ru_oublock * 512
     return wall, usage.ru_utime + usage.ru_stime, peaks
 
 
@@ -265,18 +297,22 @@ def bench_shape(shape: str, fmt: str, work: Path, shard_bytes: int, results: lis
         facts[key]["copy_mb_s"] = {}
 
         def step(name: str, argv: list[str], read: int, written_of, new_matrices: int = 0) -> None:
-            # the disk's speed just before the step (the machine is shared: it varies)
+            # the disk's speed just before the step (the machine is shared: it varies); the step's
+            # input is dropped from the page cache like the copy's, so both read from the disk
             speed = None
             if read > GIB:
                 source = Path(argv[argv.index("--model") + 1])
                 speed = copy_speed(max((p for p in source.iterdir() if p.suffix in (".safetensors", ".bin")), key=lambda p: p.stat().st_size), work)
                 facts[key]["copy_mb_s"][name] = round(speed / 1e6)
+                drop_cache(source)
+            before = load()
             wall, cpu, peaks = run_step(argv, log)
             written = written_of()
             goal_anon = (3 * shard + new_matrices + GIB) / GIB
             results.append(Step(shape, fmt, name, round(wall, 1), round(cpu, 1), round(peaks.get("RssAnon", 0) / GIB, 2),
                                 round(peaks.get("RssFile", 0) / GIB, 2), read, written, round(goal_anon, 2),
-                                round(3 * (read + written) / (2 * speed), 1) if speed else None))
+                                round(3 * (read + written) / (2 * speed), 1) if speed else None,
+                                peaks["DiskRead"], peaks["DiskWritten"], before, load()))
             print(results[-1].row(), flush=True)
 
         step("vocab merge", ["vocab", "merge", "--base", str(base), "--add", str(CHINESE_SP), "--out", str(tokenizer)], 0, lambda: du(tokenizer))
@@ -293,8 +329,9 @@ def bench_shape(shape: str, fmt: str, work: Path, shard_bytes: int, results: lis
             return  # the .bin run measures the conversion; the later steps read safetensors either way
         write_lora(extended, lora)
         check_disk(work, du(extended))
+        # the base once (verify runs on the merge's stream) and its embedding and head again (the chain's)
         step("merge --verify", ["merge", "--model", str(extended), "--adapter", str(lora), "--out", str(merged), "--verify"],
-             3 * du(extended), lambda: du(merged), new_matrices)
+             du(extended) + new_matrices, lambda: du(merged), new_matrices)
         manifest = json.loads((merged / "zhllama.json").read_text())
         facts[key]["verify_max_logit_diff"] = manifest["figures"]["max_logit_diff"]
         facts[key]["verify_tolerance"] = manifest["figures"]["logit_tolerance"]
@@ -329,7 +366,8 @@ def main() -> int:
     facts: dict = {}
     status = 0
     with open(args.work / "steps.log", "a") as log:
-        print("| shape | format | step | wall time | CPU time | peak RssAnon | peak RssFile |\n|---|---|---|---|---|---|---|", flush=True)
+        print("| shape | format | step | wall time | CPU time | peak RssAnon | peak RssFile | disk read / written | load (1 min) before → after |\n"
+              "|---|---|---|---|---|---|---|---|---|", flush=True)
         for shape, fmt in zip(shapes, formats):
             try:
                 bench_shape(shape, fmt, args.work, shard_bytes, results, facts, log)

@@ -8,14 +8,18 @@ time, so nothing ever holds the whole model.
 writes a whole dict of tensors at once (and serialises it to bytes first, so a shard would sit
 in memory twice); since the header only needs names, dtypes and shapes, which we know before
 merging, we write it first and then stream each tensor's bytes behind it. The result is an
-ordinary safetensors file (the tests load it with ``safetensors`` and ``transformers``).
+ordinary safetensors file (the tests load it with ``safetensors`` and ``transformers``). A tensor
+that is not changed can be given as a :class:`ByteRange` of its source safetensors file: its bytes
+are then copied file to file inside the kernel, never decoded into a tensor.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import struct
@@ -132,8 +136,9 @@ class Checkpoint:
         # mmap: the tensors are read from disk as they are touched, not all at once
         return torch.load(str(shard), map_location="cpu", weights_only=True, mmap=True)
 
-    def iter_shard(self, shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
-        """The tensors of one shard, one at a time (each a fresh in-memory copy)."""
+    def iter_shard(self, shard: Path, *, copy: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors of one shard, one at a time (each a fresh in-memory copy; with ``copy=False``
+        a ``.bin`` shard's tensors are views of its memory map, for a caller that only reads them once)."""
         if shard.suffix == ".safetensors":
             from safetensors import safe_open
 
@@ -143,7 +148,27 @@ class Checkpoint:
         else:
             state = self._load_bin(shard)
             for name in list(state):
-                yield name, state.pop(name).clone()
+                tensor = state.pop(name)
+                yield name, tensor.clone() if copy else tensor
+                del tensor
+
+    def byte_ranges(self, shard: Path) -> dict[str, "ByteRange"]:
+        """Where each tensor's bytes lie in a safetensors shard, from its header (in :meth:`iter_shard`'s order)."""
+        try:
+            with open(shard, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(length))
+            size = shard.stat().st_size
+            ranges = {}
+            for name in [n for n, where in self.shard_of.items() if where == shard]:  # the order iter_shard yields
+                begin, end = header[name]["data_offsets"]
+                info = self.tensors[name]
+                if end - begin != info.numel * info.dtype.itemsize or 8 + length + end > size:
+                    raise ValueError(f"tensor {name}'s bytes {begin}..{end} do not fit its shape or the file")
+                ranges[name] = ByteRange(shard, 8 + length + begin, end - begin)
+            return ranges
+        except (OSError, ValueError, KeyError, struct.error) as e:
+            raise ZhllamaError(f"{shard}: unreadable safetensors header ({e}); the file is damaged, copy or download it again") from e
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for shard in self.shards:
@@ -248,6 +273,46 @@ def write_index(out_dir: Path, shards: list[PlannedShard]) -> None:
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
+@dataclass(frozen=True)
+class ByteRange:
+    """``length`` bytes at ``offset`` of the file ``path``: a tensor's data, to be copied as it is."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+def _copy_range(source: ByteRange, dst_fd: int) -> None:
+    """Append ``source``'s bytes to ``dst_fd`` (at its position): in the kernel by copy_file_range
+    (no user-space copy; a reflink where the file system shares blocks), else sendfile, else read/write."""
+    with open(source.path, "rb", buffering=0) as src:
+        offset, left = source.offset, source.length
+        for method in ("copy_file_range", "sendfile", "readwrite"):
+            try:
+                while left:
+                    if method == "copy_file_range":
+                        n = os.copy_file_range(src.fileno(), dst_fd, min(left, 1 << 30), offset)
+                    elif method == "sendfile":
+                        n = os.sendfile(dst_fd, src.fileno(), offset, min(left, 1 << 30))
+                    else:
+                        n = _write_all(dst_fd, os.pread(src.fileno(), min(left, 64 << 20), offset))
+                    if n == 0:
+                        raise ZhllamaError(f"{source.path}: ends before byte {offset}; the file is truncated, copy or download it again")
+                    offset, left = offset + n, left - n
+                return
+            except OSError as e:  # not supported here (old kernel, other file system): the next way
+                if method == "readwrite" or e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+                    raise
+
+
+def _write_all(fd: int, data) -> int:
+    view = memoryview(data).cast("B")
+    total = len(view)
+    while view:
+        view = view[os.write(fd, view) :]
+    return total
+
+
 class ShardWriter:
     """Write one planned safetensors shard, tensor by tensor, in the planned order."""
 
@@ -263,19 +328,45 @@ class ShardWriter:
             offset = end
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # the data must start 8-byte aligned
-        self.fh = open(path, "wb")
+        start = 8 + len(raw)
+        # where each tensor lies in the file, by the header (read back by merge --verify once written)
+        self.ranges = {name: ByteRange(path, start + entry["data_offsets"][0], entry["data_offsets"][1] - entry["data_offsets"][0])
+                       for name, entry in header.items() if name != "__metadata__"}
+        self.fh = open(path, "wb", buffering=0)  # unbuffered: byte ranges are copied at the file's own position
         self._write(struct.pack("<Q", len(raw)) + raw)
 
     def _write(self, data) -> None:
         if self.sha256 is not None:
             self.sha256.update(data)
-        self.fh.write(data)
+        _write_all(self.fh.fileno(), data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         info = self.expected.pop(0)
         if info.name != name or tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
             raise RuntimeError(f"internal error: shard {self.path.name} expected {info}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
-        self._write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self._write(_bytes_of(tensor))
+
+    def write_parts(self, name: str, parts: list["torch.Tensor | ByteRange"]) -> None:
+        """Tensor ``name`` as the concatenation of ``parts``' bytes: tensors (of its dtype) and byte
+        ranges of other files (copied in the kernel unless the shard's digest needs the bytes)."""
+        info = self.expected.pop(0)
+        sizes = [p.length if isinstance(p, ByteRange) else p.numel() * p.element_size() for p in parts]
+        wrong_dtype = any(not isinstance(p, ByteRange) and p.dtype != info.dtype for p in parts)
+        if info.name != name or sum(sizes) != info.numel * info.dtype.itemsize or wrong_dtype:
+            raise RuntimeError(f"internal error: shard {self.path.name} expected {info}, got {name} in parts of {sizes} bytes")
+        for part in parts:
+            if not isinstance(part, ByteRange):
+                self._write(_bytes_of(part))
+            elif self.sha256 is None:
+                _copy_range(part, self.fh.fileno())
+            else:
+                with open(part.path, "rb") as src:
+                    for offset in range(part.offset, part.offset + part.length, 64 << 20):
+                        want = min(64 << 20, part.offset + part.length - offset)
+                        data = os.pread(src.fileno(), want, offset)
+                        if len(data) != want:
+                            raise ZhllamaError(f"{part.path}: ends before byte {offset + want}; the file is truncated, copy or download it again")
+                        self._write(data)
 
     def close(self) -> str | None:
         """Finish the file and return its SHA-256 (None when made with ``digest=False``)."""
@@ -283,6 +374,25 @@ class ShardWriter:
         if self.expected:
             raise RuntimeError(f"internal error: shard {self.path.name} is missing {[t.name for t in self.expected]}")
         return self.sha256.hexdigest() if self.sha256 is not None else None
+
+
+def read_range(source: ByteRange, info: TensorInfo) -> torch.Tensor:
+    """The tensor ``info`` on its bytes ``source``: a copy-on-write memory map of the file, so the
+    bytes come from the page cache as the tensor is read, and nothing is copied up front."""
+    import numpy as np
+
+    if source.length != info.numel * info.dtype.itemsize:
+        raise RuntimeError(f"internal error: {source.length} bytes for {info}")
+    if source.path.stat().st_size < source.offset + source.length:
+        raise ZhllamaError(f"{source.path}: ends before byte {source.offset + source.length}; the file is truncated")
+    if not source.length:
+        return torch.empty(info.shape, dtype=info.dtype)
+    data = np.memmap(source.path, dtype=np.uint8, mode="c", offset=source.offset, shape=(source.length,))
+    return torch.from_numpy(data).view(info.dtype).reshape(info.shape)
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def tied_embeddings(checkpoint: "Checkpoint", config: dict) -> bool:

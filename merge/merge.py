@@ -167,7 +167,8 @@ def _merge_tensor(name: str, tensor: torch.Tensor, adapters: list[Adapter], dtyp
     return merged
 
 
-def _write_shards(base: Checkpoint, adapters: list[Adapter], tied: bool, dtype: torch.dtype, max_bytes: int, out: Path) -> dict[str, str]:
+def _write_shards(base: Checkpoint, adapters: list[Adapter], tied: bool, dtype: torch.dtype, max_bytes: int, out: Path, verifier=None) -> dict[str, str]:
+    """Merge and write every shard; each merged tensor also goes to ``verifier`` (``--verify``) once written."""
     from tqdm import tqdm
 
     def out_dtype(info: TensorInfo) -> torch.dtype:
@@ -190,6 +191,9 @@ def _write_shards(base: Checkpoint, adapters: list[Adapter], tied: bool, dtype: 
             if index not in writers:
                 writers[index] = ShardWriter(out / shards[index].filename, shards[index])
             writers[index].write(name, _merge_tensor(name, tensor, adapters, out_dtype(base.tensors[name])))
+            if verifier is not None:
+                info = base.tensors[name]
+                verifier.add(name, tensor, writers[index].ranges[name], TensorInfo(name, info.shape, out_dtype(info)))
             del tensor
             if not writers[index].expected:
                 hashes[shards[index].filename] = writers.pop(index).close()
@@ -268,13 +272,16 @@ def merge_chain(options: MergeOptions) -> MergeResult:
     gguf_tmp = None
     try:
         with atomic_output_dir(out, overwrite=options.overwrite) as tmp:
-            hashes = _write_shards(base, adapters, tied, torch_dtype(dtype_name), parse_size(options.max_shard_size), tmp)
             write_config(model_dir, tmp, dtype_name, base.tensors[EMBEDDING].shape[0])
-            copy_files(TOKENIZER_FILES, tokenizer_dir, tmp)
-            if options.verify:
-                from zhllama.merge.verify import verify_merged
+            verifier = None
+            if options.verify:  # runs as the shards are written (see merge/verify.py)
+                from zhllama.merge.verify import Verifier
 
-                max_logit_diff, tolerance = verify_merged(tmp, model_dir, adapters, dtype_name, tokenizer_dir, device=options.device)
+                verifier = Verifier(tmp, model_dir, adapters, dtype_name, tokenizer_dir, device=options.device)
+            hashes = _write_shards(base, adapters, tied, torch_dtype(dtype_name), parse_size(options.max_shard_size), tmp, verifier)
+            copy_files(TOKENIZER_FILES, tokenizer_dir, tmp)
+            if verifier is not None:
+                max_logit_diff, tolerance = verifier.finish()
             if gguf_target is not None:
                 from zhllama.merge.gguf_export import export_gguf
 

@@ -1,7 +1,8 @@
 """``merge --verify``: the merged checkpoint must compute what the base + adapter chain computes.
 
 Both sides run layer by layer (:mod:`zhllama.layerwise`), in fp32, so memory is one decoder
-layer and a few activations whatever the model's size, never two whole models:
+layer and a few activations whatever the model's size, never two whole models; they run while
+the merge streams the base (:class:`Verifier`), so neither checkpoint is read from the disk again:
 
 - the merged checkpoint as written;
 - the chain: the *base* checkpoint, each decoder layer wrapped after loading with every
@@ -15,6 +16,7 @@ The only difference left is the rounding of the merged weights to the merged dty
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -23,7 +25,7 @@ import torch
 
 from zhllama.errors import ZhllamaError
 from zhllama.layerwise import Batch, LayerwiseModel
-from zhllama.merge.checkpoint import EMBEDDING, OUTPUT_EMBEDDING
+from zhllama.merge.checkpoint import EMBEDDING, FINAL_NORM, OUTPUT_EMBEDDING, ByteRange, TensorInfo, read_range
 from zhllama.merge.adapters import PREFIX, Adapter
 
 SAMPLE_TEXT = "从前有一座山，山里有一座庙。Once upon a time, there was a little girl named Lily. 1234"
@@ -31,6 +33,7 @@ SAMPLE_TEXT = "从前有一座山，山里有一座庙。Once upon a time, there
 # summation-order noise; half precisions round each weight by about 2^-11 (fp16) or 2^-8 (bf16).
 RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
 MAX_EXTRA_ROWS = 64
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
 def sample_ids(tokenizer_dir: Path, adapters: list[Adapter], rows: int) -> list[int]:
@@ -121,23 +124,83 @@ def _peft_wrapper(adapters: list[Adapter]):
     return wrap
 
 
-def verify_merged(
-    merged_dir: Path, model_dir: Path, adapters: list[Adapter], dtype: str, tokenizer_dir: Path, *, device: str = "cpu"
-) -> tuple[float, float]:
-    """Max |logit difference| between the merged model and the peft chain; raises above the tolerance."""
-    chain = LayerwiseModel(model_dir, device=device, edit_layer=_peft_wrapper(adapters))
-    chain.overrides = _vocab_matrices(chain, adapters)
-    rows = chain.overrides[EMBEDDING].shape[0]
-    ids = sample_ids(tokenizer_dir, adapters, rows)
-    batch = [Batch(torch.tensor([ids]))]
-    reference = chain.logits(batch, progress="verify: the adapter chain")[0][0].cpu()
-    merged = LayerwiseModel(merged_dir, device=device).logits(batch, progress="verify: the merged model")[0][0].cpu()
-    diff = (merged - reference).abs().max().item()
-    tolerance = RELATIVE_TOLERANCE[dtype] * max(1.0, reference.abs().max().item())
-    print(f"verify: max |logit diff| {diff:.3g} over {len(ids)} tokens (tolerance {tolerance:.3g} for {dtype})", file=sys.stderr)
-    if not diff <= tolerance:
-        raise ZhllamaError(
-            f"--verify: merged model's logits differ from the adapter chain's by {diff:.3g} (> {tolerance:.3g} allowed for "
-            f"{dtype}); the merge is wrong for this chain, please report it with the adapters' adapter_config.json"
-        )
-    return diff, tolerance
+class Verifier:
+    """Both passes, run while ``zhllama merge`` writes the merged checkpoint, so neither checkpoint is
+    read again: the merge hands over each tensor it merged (:meth:`add`) with the base tensor it
+    read and where it wrote the result; once decoder layer N is complete on both sides (and N-1 has
+    run) the chain's layer N is built from the base tensors and the merged layer N from the bytes
+    read back from the merged shard at the offsets of its header (the file as written, from the page
+    cache), and each runs on its own hidden states. :meth:`finish` reads the merged final norm and
+    head the same way, checks the written headers and config.json, and compares the logits."""
+
+    def __init__(self, merged_dir: Path, model_dir: Path, adapters: list[Adapter], dtype: str, tokenizer_dir: Path, *, device: str = "cpu"):
+        from zhllama.layerwise import Pass
+
+        self.merged_dir, self.dtype = merged_dir, dtype
+        self.chain = LayerwiseModel(model_dir, device=device, edit_layer=_peft_wrapper(adapters))
+        self.chain.overrides = _vocab_matrices(self.chain, adapters)
+        rows = self.chain.overrides[EMBEDDING].shape[0]
+        self.ids = sample_ids(tokenizer_dir, adapters, rows)
+        self.batch = [Batch(torch.tensor([self.ids]))]
+        self.chain_pass = Pass(self.chain, self.batch, self.chain.tensor(EMBEDDING))
+        self.merged = LayerwiseModel(merged_dir, device=device, weights=False)  # merge writes config.json first
+        self.merged_pass = None  # from the merged embedding, once written
+        self.layer_names = {}  # layer index -> its tensor names (without the prefix)
+        for name in self.chain.checkpoint.tensors:
+            match = _LAYER.fullmatch(name)
+            if match and not name.endswith("rotary_emb.inv_freq"):
+                self.layer_names.setdefault(int(match.group(1)), set()).add(match.group(2))
+        self.base: dict[int, dict[str, torch.Tensor]] = {}
+        self.written: dict[int, dict[str, tuple[ByteRange, TensorInfo]]] = {}
+        self.next_layer = 0
+
+    def add(self, name: str, base_tensor: torch.Tensor, written: ByteRange, info: TensorInfo) -> None:
+        """Tensor ``name`` merged: ``base_tensor`` as read from the base, written to ``written`` as ``info``."""
+        match = _LAYER.fullmatch(name)
+        if match and name.endswith("rotary_emb.inv_freq"):
+            pass  # a buffer of old checkpoints, not a weight of the layer
+        elif match:
+            index, part = int(match.group(1)), match.group(2)
+            self.base.setdefault(index, {})[part] = base_tensor
+            self.written.setdefault(index, {})[part] = (written, info)
+        elif name == EMBEDDING:
+            from zhllama.layerwise import Pass
+
+            self.merged_pass = Pass(self.merged, self.batch, read_range(written, info))
+        self._run_ready_layers()
+
+    def _run_ready_layers(self) -> None:
+        while self.merged_pass is not None and self.next_layer in self.layer_names:
+            index, names = self.next_layer, self.layer_names[self.next_layer]
+            if set(self.base.get(index, {})) != names or set(self.written.get(index, {})) != names:
+                return
+            self.chain_pass.step(self.chain.build_layer(index, self.base.pop(index)))
+            written = self.written.pop(index)
+            self.merged_pass.step(self.merged.build_layer(index, {part: read_range(r, info) for part, (r, info) in written.items()}))
+            self.next_layer += 1
+
+    def finish(self) -> tuple[float, float]:
+        """Max |logit difference| between the merged model as written and the peft chain; raises above the tolerance."""
+        if self.merged_pass is None or self.next_layer != self.chain.config.num_hidden_layers:
+            raise RuntimeError(f"internal error: --verify ran {self.next_layer} decoder layers of {self.chain.config.num_hidden_layers}")
+        written = LayerwiseModel(self.merged_dir, device=self.merged.device)  # the headers and config.json as written
+        if written.checkpoint.tensors.keys() != {n for n in self.chain.checkpoint.tensors if not (written.tied and n == OUTPUT_EMBEDDING)}:
+            raise ZhllamaError(f"--verify: {self.merged_dir} does not hold the base's tensors; the merge is wrong, please report it")
+        reference = self._logits(self.chain_pass, self.chain)
+        merged = self._logits(self.merged_pass, written)
+        diff = (merged - reference).abs().max().item()
+        tolerance = RELATIVE_TOLERANCE[self.dtype] * max(1.0, reference.abs().max().item())
+        print(f"verify: max |logit diff| {diff:.3g} over {len(self.ids)} tokens (tolerance {tolerance:.3g} for {self.dtype})", file=sys.stderr)
+        if not diff <= tolerance:
+            raise ZhllamaError(
+                f"--verify: merged model's logits differ from the adapter chain's by {diff:.3g} (> {tolerance:.3g} allowed for "
+                f"{self.dtype}); the merge is wrong for this chain, please report it with the adapters' adapter_config.json"
+            )
+        return diff, tolerance
+
+    @staticmethod
+    def _logits(run, model: LayerwiseModel) -> torch.Tensor:
+        with torch.no_grad():
+            states = run.normed(model.tensor(FINAL_NORM))
+            head = model.tensor(EMBEDDING if model.tied else OUTPUT_EMBEDDING)
+            return (states[0] @ head.T).float()[0].cpu()

@@ -5,8 +5,10 @@ save it again costs its size in memory (a ``.bin`` checkpoint is unpickled whole
 file as large as the model. Instead :func:`write_extended` streams the base checkpoint one
 tensor at a time: ``model.embed_tokens.weight`` and ``lm_head.weight`` are written as the base
 rows followed by the given new rows, every other tensor is copied bit for bit, and the output
-keeps the base's sharding (or takes ``max_shard_size``). ``.bin`` shards are read one at a time
-through a memory map and written as safetensors.
+keeps the base's sharding (or takes ``max_shard_size``). From safetensors shards the base bytes
+(the vocabulary matrices' base rows too) are copied as byte ranges of the files, inside the
+kernel, so only the new rows are ever encoded; ``.bin`` shards are read one at a time through a
+memory map and written as safetensors.
 
 :func:`load_vocab_model` gives extend's initialisation what it needs without the decoder
 weights in memory: a real ``LlamaForCausalLM`` whose embedding, final norm and head are loaded,
@@ -26,6 +28,7 @@ from zhllama.errors import ZhllamaError
 from zhllama.layerwise import LayerwiseModel
 from zhllama.merge.checkpoint import (
     EMBEDDING,
+    ByteRange,
     FINAL_NORM,
     OUTPUT_EMBEDDING,
     Checkpoint,
@@ -82,16 +85,17 @@ def write_extended(
     shard_of = {t.name: i for i, s in enumerate(shards) for t in s.tensors}
     writers: dict[int, ShardWriter] = {}
     with tqdm(total=len(wanted), desc="writing the extended checkpoint", unit="tensor", file=sys.stderr) as progress:
-        for name, tensor in base.iter_tensors():
+        for name, source in _sources(base):
             if name not in shard_of:
                 continue
-            if name in new_rows:
-                tensor = torch.cat([tensor, new_rows[name].to(tensor.dtype)])
+            parts = [source]
+            if name in new_rows:  # the base rows as they are, then the new rows
+                parts.append(new_rows[name].to(base.tensors[name].dtype).contiguous())
             index = shard_of[name]
             if index not in writers:
                 writers[index] = ShardWriter(out_dir / shards[index].filename, shards[index], digest=False)
-            writers[index].write(name, tensor)
-            del tensor
+            writers[index].write_parts(name, parts)
+            del source, parts
             if not writers[index].expected:
                 writers.pop(index).close()
             progress.update()
@@ -99,6 +103,17 @@ def write_extended(
     rows = base.tensors[EMBEDDING].shape[0] + new_rows[EMBEDDING].shape[0]
     write_config(model_dir, out_dir, str(base.tensors[EMBEDDING].dtype).removeprefix("torch."), rows)
     return [s.filename for s in shards]
+
+
+def _sources(base: Checkpoint) -> Iterator[tuple[str, "torch.Tensor | ByteRange"]]:
+    """Each base tensor in shard order: a safetensors tensor as the byte range it occupies (copied
+    file to file, never decoded), a ``.bin`` one as a view of the shard's memory map (written once
+    from the map, no in-memory copy)."""
+    for shard in base.shards:
+        if shard.suffix == ".safetensors":
+            yield from base.byte_ranges(shard).items()
+        else:
+            yield from base.iter_shard(shard, copy=False)
 
 
 def new_rows_of(model, old_rows: int) -> dict[str, torch.Tensor]:

@@ -64,3 +64,58 @@ def test_verify_catches_a_wrong_merge(wrong, tiny_model_dir, untied_chain, tmp_p
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("zhllama: error: --verify:") and "differ" in error
     assert not out.exists() and not list(tmp_path.glob(".merged.tmp-*"))
+
+
+def test_verify_reads_the_merged_files_as_written(tiny_model_dir, untied_chain, tmp_path, monkeypatch, capsys):
+    """The merged pass runs on the bytes in the written shards, not on the tensors merge held:
+    a shard writer that writes other bytes than it was given is caught."""
+    from zhllama.merge import checkpoint
+
+    original = checkpoint.ShardWriter.write
+
+    def writes_zeros(self, name, tensor):
+        original(self, name, torch.zeros_like(tensor) if name == "model.layers.0.self_attn.v_proj.weight" else tensor)
+
+    monkeypatch.setattr(checkpoint.ShardWriter, "write", writes_zeros)
+    capsys.readouterr()
+    assert main(merge_args(tiny_model_dir, untied_chain, tmp_path / "merged", "--dtype", "float32", "--verify")) == 1
+    assert "differ" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_verify_reads_neither_checkpoint_again(tiny_model_dir, untied_chain, tmp_path, monkeypatch):
+    """--verify runs while merge streams the base: no decoder-layer tensor is read a second time,
+    from the base or from the merged checkpoint."""
+    from zhllama.merge.checkpoint import Checkpoint
+
+    reads, streams = [], []
+    original_read, original_iter = Checkpoint.read, Checkpoint.iter_tensors
+    monkeypatch.setattr(Checkpoint, "read", lambda self, names: reads.extend(names) or original_read(self, names))
+    monkeypatch.setattr(Checkpoint, "iter_tensors", lambda self: streams.append(self.model_dir) or original_iter(self))
+    assert main(merge_args(tiny_model_dir, untied_chain, tmp_path / "merged", "--dtype", "float32", "--verify")) == 0
+    assert figures(tmp_path / "merged")["max_logit_diff"] <= 1e-5
+    assert streams == [tiny_model_dir] and not [n for n in reads if ".layers." in n]
+
+
+def test_verify_with_layers_out_of_order_in_the_shards(tiny_model_dir, tmp_path):
+    """Shards that hold a later decoder layer before an earlier one (as name-sorted shards do):
+    the layers wait until the one before them has run."""
+    from peft import LoraConfig
+    from test_surgery import SIDE_FILES
+    from safetensors.torch import save_file
+
+    from zhllama.merge.checkpoint import Checkpoint
+    from zhllama.outdir import copy_files
+
+    base = tmp_path / "base"
+    base.mkdir()
+    copy_files(SIDE_FILES, tiny_model_dir, base)
+    tensors = dict(Checkpoint(tiny_model_dir).iter_tensors())
+    first = {n: t for n, t in tensors.items() if not n.startswith("model.layers.0.")}
+    shards = {"model-00001-of-00002.safetensors": first, "model-00002-of-00002.safetensors": {n: t for n, t in tensors.items() if n not in first}}
+    for filename, part in shards.items():
+        save_file(part, str(base / filename), metadata={"format": "pt"})
+    weight_map = {n: filename for filename, part in shards.items() for n in part}
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    adapter = make_adapter(base, [], LoraConfig(r=4, target_modules=["q_proj", "down_proj"]), tmp_path / "adapter", seed=6)
+    assert main(merge_args(base, [adapter], tmp_path / "merged", "--dtype", "float32", "--verify")) == 0
+    assert figures(tmp_path / "merged")["max_logit_diff"] <= 1e-5

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,40 @@ def test_extend_keeps_the_base_sharding_and_copies_other_tensors_bit_for_bit(sha
 
     model = AutoModelForCausalLM.from_pretrained(str(out))
     assert model.get_input_embeddings().weight.shape[0] == rows
+
+
+def data_section(path: Path, name: str) -> bytes:
+    """The bytes tensor ``name`` occupies in the safetensors file ``path``, read from the file itself."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    begin, end = json.loads(raw[8 : 8 + length])[name]["data_offsets"]
+    return raw[8 + length + begin : 8 + length + end]
+
+
+def extended_bytes_are_the_base_bytes(base: Path, out: Path) -> None:
+    """Every base tensor's bytes in the base's files are in the extended files (the vocabulary
+    matrices' as their first rows)."""
+    where = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    now = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    for name, shard in where.items():
+        before, after = data_section(base / shard, name), data_section(out / now[name], name)
+        assert (after[: len(before)] if name in VOCAB else after) == before, name
+
+
+@pytest.mark.parametrize("unsupported", [(), ("copy_file_range",), ("copy_file_range", "sendfile")])
+def test_unchanged_tensors_are_the_base_bytes_by_every_copy_method(unsupported, sharded, merged_tokenizer_dir, tmp_path, monkeypatch):
+    """The byte ranges are copied in the kernel where it can (copy_file_range, sendfile) and through
+    a buffer where it cannot; every way gives the base's bytes."""
+    import errno
+
+    def refuse(*args):
+        raise OSError(errno.EXDEV if args else errno.ENOSYS, "not supported here")
+
+    for method in unsupported:
+        monkeypatch.setattr(os, method, refuse)
+    out = tmp_path / "extended"
+    assert extend(sharded, merged_tokenizer_dir, out) == 0
+    extended_bytes_are_the_base_bytes(sharded, out)
 
 
 def test_bin_base_becomes_the_same_safetensors_checkpoint(sharded, merged_tokenizer_dir, tmp_path):
