@@ -58,6 +58,9 @@ class ExtendOptions(CorpusArgs, OutputArgs):
     init_batch_size: int = option(8, help="stage-0 blocks per step")
     init_block_size: int = option(128, help="stage-0 tokens of the merged tokenizer per block")
     init_blocks: int = option(2048, help="most blocks of --init-corpus stage 0 reads (a slice of them is held out to pick the step kept)")
+    init_replay: int = option(
+        64, help="stage 0 also reads this many texts the base model writes itself, so that what it already writes keeps its probability (0: none)"
+    )
     device: str = option("auto", help="device for the base-model passes of the initialisation (auto: cuda when available)")
     pad_to_multiple_of: int = option(64, help="round the number of embedding rows up to a multiple of this (1: no padding)")
     seed: int = option(0, help="random seed for --init mean and random, and stage 0's order")
@@ -74,6 +77,7 @@ class ExtendOptions(CorpusArgs, OutputArgs):
         at_least(found, "--init-batch-size", self.init_batch_size, 1)
         at_least(found, "--init-block-size", self.init_block_size, 3)
         at_least(found, "--init-blocks", self.init_blocks, 1)
+        at_least(found, "--init-replay", self.init_replay, 0)
         if self.init_corpus and self.init != "subword-mean":
             found.append(f"--init-corpus trains the rows --init subword-mean starts; drop it or use that init (got --init {self.init})")
         if self.max_shard_size is not None:
@@ -111,7 +115,8 @@ class ExtendResult:
         if f.get("stage0_steps"):
             line += (
                 f"; stage 0: {f['stage0_steps']} steps on {f['stage0_tokens']:,} tokens of --init-corpus, "
-                f"held-out loss {f['stage0_held_out_nll_start']:.3f} -> {f['stage0_held_out_nll_kept']:.3f} "
+                f"held-out loss {f['stage0_held_out_nll_start']:.3f} -> {f['stage0_held_out_nll_kept']:.3f}, "
+                f"on the base's own text {f['stage0_replay_nll_start']:.3f} -> {f['stage0_replay_nll_kept']:.3f} "
                 f"(step {f['stage0_kept_step']} kept)"
             )
         elif f.get("init") == "subword-mean":
@@ -217,6 +222,7 @@ def extend_model(options: ExtendOptions) -> ExtendResult:
             batch_size=options.init_batch_size,
             block_size=options.init_block_size,
             max_blocks=options.init_blocks,
+            replay_sequences=options.init_replay,
             seed=options.seed,
         )
         stage0_figures = train_new_rows(

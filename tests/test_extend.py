@@ -170,6 +170,9 @@ def test_stage0_trains_the_new_rows_only(tmp_path, trained_base, merged_dir, cap
     assert figures["stage0_loss_last"] < figures["stage0_loss_first"]
     assert figures["stage0_held_out_nll_kept"] < figures["stage0_held_out_nll_start"]
     assert figures["stage0_kept_step"] > 0 and figures["stage0_tokens"] > 0
+    # the replay of the base's own text is read too, and the rows kept leave it where it was
+    assert figures["stage0_replay_blocks"] > 0
+    assert figures["stage0_replay_nll_kept"] <= figures["stage0_replay_nll_start"] * 1.005
     before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
     (tmp_path / "closed").mkdir()
     closed = load_file(extend(tmp_path / "closed", base, merged_dir) / "model.safetensors")
