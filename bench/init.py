@@ -72,12 +72,20 @@ def merged_tokenizer(cache: Path, name: str) -> Path:
     return out
 
 
-def train_stage1(work: Path, extended: Path, corpus: Path, steps: int) -> Path:
+STAGE1_LR = 2e-3  # the stage-1 rate of docs/pretrain.md's tables; --stage1-lr measures another too
+
+
+def stage1_key(lr: float) -> str:
+    """Where a base's report keeps the figures after stage 1 at ``lr``."""
+    return "after_stage1" if lr == STAGE1_LR else f"after_stage1_lr{lr:g}"
+
+
+def train_stage1(work: Path, extended: Path, corpus: Path, steps: int, lr: float) -> Path:
     """Stage 1 (new rows only) from an extended model, the settings of docs/pretrain.md's table."""
-    out = work / f"stage1-{extended.name}"
+    out = work / f"stage1-{extended.name}" if lr == STAGE1_LR else work / f"stage1-{extended.name}-lr{lr:g}"
     zhllama(
         "pretrain", "--stage", 1, "--model", extended, "--data", corpus, "--out", out, "--block-size", 128,
-        "--max-steps", steps, "--learning-rate", 2e-3, "--per-device-train-batch-size", 4, "--validation-split", 0,
+        "--max-steps", steps, "--learning-rate", lr, "--per-device-train-batch-size", 4, "--validation-split", 0,
         "--cache-dir", work / "cache", "--use-cpu", "--save-strategy", "no", "--report-to", "none",
         "--disable-tqdm", "true", "--logging-steps", 25, "--overwrite",
     )  # fmt: skip
@@ -114,7 +122,9 @@ def bench_base(name: str, base: Path, tokenizer: str, role: str, args, cache: Pa
     stage1_corpus.write_text("\n".join(train[1 :: max(1, len(train) // 400)]) + "\n", encoding="utf-8")
     merged = merged_tokenizer(cache, tokenizer)
     english = name == "stories260K"
-    report = {"base": name, "role": role, "tokenizer": tokenizer, "methods": {}, "step0": {}, "after_stage1": {},
+    stage1_keys = ["after_stage1"] + sorted(k for k in previous if k.startswith("after_stage1_lr"))
+    stage1_keys += [stage1_key(args.stage1_lr)] if stage1_key(args.stage1_lr) not in stage1_keys else []
+    report = {"base": name, "role": role, "tokenizer": tokenizer, "methods": {}, "step0": {}, **{k: {} for k in stage1_keys},
               "stage1_steps": args.stage1_steps, "seconds": {}, "extend_figures": {}}  # fmt: skip
     same_stage1 = previous.get("stage1_steps") == args.stage1_steps
     for start in ["base", *STARTS]:
@@ -122,7 +132,7 @@ def bench_base(name: str, base: Path, tokenizer: str, role: str, args, cache: Pa
         if previous.get("methods", {}).get(start) != version:
             continue
         report["methods"][start] = version
-        for key in ("step0", "seconds", "extend_figures") + (("after_stage1",) if same_stage1 else ()):
+        for key in ["step0", "seconds", "extend_figures"] + (stage1_keys if same_stage1 else []):
             for entry in [k for k in previous.get(key, {}) if k == start or k.endswith(f" {start}")]:
                 report[key][entry] = previous[key][entry]
         for key in {"base": ("english_base",), "default": ("english_default",)}.get(start, ()):
@@ -157,11 +167,12 @@ def bench_base(name: str, base: Path, tokenizer: str, role: str, args, cache: Pa
         if english and start == "default" and "english_default" not in report:
             report["english_default"] = score(extended, english_held_out())
         save()
-        if args.stage1_steps and start in args.stage1_starts and start not in report["after_stage1"]:
+        after = report[stage1_key(args.stage1_lr)]
+        if args.stage1_steps and start in args.stage1_starts and start not in after:
             clock = time.perf_counter()
-            stage1 = train_stage1(work, extended, stage1_corpus, args.stage1_steps)
-            report["after_stage1"][start] = score(extended, held_out, (stage1,))
-            report["seconds"][f"stage 1 {start}"] = round(time.perf_counter() - clock, 1)
+            stage1 = train_stage1(work, extended, stage1_corpus, args.stage1_steps, args.stage1_lr)
+            after[start] = score(extended, held_out, (stage1,))
+            report["seconds"][f"stage 1 at {args.stage1_lr:g} {start}"] = round(time.perf_counter() - clock, 1)
             save()
     log = base / "train_log.json"
     if log.is_file():
@@ -187,6 +198,11 @@ def print_table(reports: list[dict]) -> None:
                 cell += f" ({r['after_stage1'][s]:.2f})"
             cells.append(f"{cell:>20}")
         print(f"{r['base']:<24}{r['role']:<7}{b:>7.2f}" + "".join(cells))
+    for key in sorted({k for r in reports for k in r if k.startswith("after_stage1_lr")}):
+        print(f"\n{key.removeprefix('after_stage1_lr')} instead of {STAGE1_LR:g} as stage 1's learning rate: bits per character after it")
+        for r in reports:
+            if r.get(key):
+                print(f"{r['base']:<24}{r['role']:<7}" + "".join(f"{s}: {v:.2f}   " for s, v in r[key].items()))
     for r in reports:
         if "english_base" in r:
             if "english_default" not in r:
@@ -204,6 +220,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", default=None, help="measure only these bases (the table shows every base measured so far)")
     parser.add_argument("--stage1-steps", type=int, default=100, help="stage-1 steps per start (0: step 0 only)")
+    parser.add_argument("--stage1-lr", type=float, default=STAGE1_LR, help="stage-1 learning rate")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="trained bases and merged tokenizers, keyed by settings")
     parser.add_argument("--starts", nargs="*", default=None, choices=list(STARTS), help="measure only these starts")
     parser.add_argument("--stage1-starts", nargs="*", default=["default", "mean head", "random"], choices=list(STARTS),

@@ -5,10 +5,11 @@ hundred small steps, on the model's own next-token loss over a sample of the new
 in the merged tokenization; the base rows and the decoder stay frozen, so nothing the base model
 computes with its own pieces changes. What can change is the probability the new rows draw to
 themselves where the base's own language goes on, so every step also reads a little *replay*:
-text the base model writes itself before stage 0 (sampled from BOS, its own pieces only), read
-in the merged tokenization, which keeps the new pieces out of what the base already writes.
-Held-out slices of the sample and of the replay choose which step's rows to keep (the
-closed-form start included).
+text the base model writes itself before stage 0 (sampled from BOS, its own pieces only), in
+its own pieces. There the new rows can only take probability away from what the base wrote,
+and the loss pushes them out of it. Held-out slices of the sample and of the replay choose
+which step's rows to keep (the closed-form start included): the one that reads the sample best
+while the base's own text stays where it was.
 """
 
 from __future__ import annotations
@@ -59,29 +60,32 @@ def sample_blocks(texts, merged_sp, settings: Stage0Settings, *, context: int) -
     return blocks
 
 
-def base_writes(model, merged_sp, base_rows: int, count: int, length: int, *, device: str) -> list[str]:
-    """``count`` texts of up to ``length`` pieces the base model samples from BOS (temperature 1,
-    base pieces only: the new rows are masked), each cut at its first EOS."""
+def base_writes(model, merged_sp, base_rows: int, count: int, length: int, *, device: str) -> list[list[int]]:
+    """``count`` sequences of up to ``length`` base pieces (BOS first) the base model samples
+    (temperature 1; the new rows are masked), each cut before its first EOS."""
     import torch
 
     bos, eos = merged_sp.bos_id(), merged_sp.eos_id()
     ids = torch.full((count, 1), max(bos, 0), dtype=torch.long, device=device)
-    past, texts = None, []
+    past, written = None, []
     with torch.no_grad():
         for _ in range(length - 1):
             out = model(input_ids=ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
             past = out.past_key_values
             probs = out.logits[:, -1, :base_rows].float().softmax(-1)
             ids = torch.cat([ids, torch.multinomial(probs, 1)], dim=1)
-    for row in ids[:, 1:].tolist():
-        texts.append(merged_sp.decode(row[: row.index(eos)] if eos in row else row))
-    return texts
+    for row in ids.tolist():
+        row = row[: row.index(eos, 1)] if eos in row[1:] else row
+        if len(row) >= 3:
+            written.append(row)
+    return written
 
 
 def train_new_rows(model, base_rows: int, tokenizer_size: int, texts, merged_sp, settings: Stage0Settings, *, tied: bool, device: str) -> dict:
     """Stage 0: train only the new rows of the resized ``model`` (input embedding rows
-    base_rows..tokenizer_size and, on an untied model, the same LM-head rows) on the sample and
-    the base model's replay, both read in the merged tokenization; the base rows and the decoder
+    base_rows..tokenizer_size and, on an untied model, the same LM-head rows) on the sample, read
+    in the merged tokenization, and on the base model's replay, in its own pieces; the base rows
+    and the decoder
     stay frozen. Updates the rows in place; returns figures (sample and replay sizes, losses, the
     step kept, and the cost in model token passes)."""
     import torch
@@ -107,8 +111,7 @@ def train_new_rows(model, base_rows: int, tokenizer_size: int, texts, merged_sp,
     for parameter, _ in frozen:
         parameter.requires_grad_(False)
     length = min(settings.block_size, context)
-    replay = sample_blocks(base_writes(model, merged_sp, base_rows, settings.replay_sequences, length, device=device),
-                           merged_sp, settings, context=context) if settings.replay_sequences else []  # fmt: skip
+    replay = base_writes(model, merged_sp, base_rows, settings.replay_sequences, length, device=device) if settings.replay_sequences else []
 
     base_in = model.get_input_embeddings().weight[:base_rows].detach()
     base_out = model.get_output_embeddings().weight[:base_rows].detach()
