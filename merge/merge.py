@@ -183,21 +183,29 @@ def _write_shards(base: Checkpoint, adapters: list[Adapter], tied: bool, dtype: 
     shard_of = {t.name: i for i, s in enumerate(shards) for t in s.tensors}
     writers: dict[int, ShardWriter] = {}
     hashes: dict[str, str] = {}
-    with tqdm(total=len(wanted), desc="merging", unit="tensor", file=sys.stderr) as progress:
-        for name, tensor in base.iter_tensors():
-            if name not in shard_of:
-                continue
-            index = shard_of[name]
-            if index not in writers:
-                writers[index] = ShardWriter(out / shards[index].filename, shards[index])
-            writers[index].write(name, _merge_tensor(name, tensor, adapters, out_dtype(base.tensors[name])))
-            if verifier is not None:
-                info = base.tensors[name]
-                verifier.add(name, tensor, writers[index].ranges[name], TensorInfo(name, info.shape, out_dtype(info)))
-            del tensor
-            if not writers[index].expected:
-                hashes[shards[index].filename] = writers.pop(index).close()
-            progress.update()
+    try:
+        with tqdm(total=len(wanted), desc="merging", unit="tensor", file=sys.stderr) as progress:
+            # the disk reads ahead and a worker hashes and writes, while this thread merges (and verifies)
+            for name, tensor in base.iter_tensors(prefetch=True):
+                if name not in shard_of:
+                    continue
+                index = shard_of[name]
+                if index not in writers:
+                    writers[index] = ShardWriter(out / shards[index].filename, shards[index], background=True)
+                writer = writers[index]
+                writer.write(name, _merge_tensor(name, tensor, adapters, out_dtype(base.tensors[name])))
+                if verifier is not None:
+                    info = base.tensors[name]
+                    written = (writer.ranges[name], TensorInfo(name, info.shape, out_dtype(info)), lambda w=writer, n=name: w.wait(n))
+                    verifier.add(name, tensor, *written)
+                del tensor
+                if not writer.expected:
+                    hashes[shards[index].filename] = writers.pop(index).close()
+                progress.update()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
     write_index(out, shards)
     return hashes
 

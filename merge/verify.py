@@ -20,6 +20,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -127,8 +128,8 @@ def _peft_wrapper(adapters: list[Adapter]):
 class Verifier:
     """Both passes, run while ``zhllama merge`` writes the merged checkpoint, so neither checkpoint is
     read again: the merge hands over each tensor it merged (:meth:`add`) with the base tensor it
-    read and where it wrote the result; once decoder layer N is complete on both sides (and N-1 has
-    run) the chain's layer N is built from the base tensors and the merged layer N from the bytes
+    read and where it wrote the result; once decoder layer N is complete on both sides (N-1 has run
+    and N+1 is in, so the merge's background writer has put N on the file) the chain's layer N is built from the base tensors and the merged layer N from the bytes
     read back from the merged shard at the offsets of its header (the file as written, from the page
     cache), and each runs on its own hidden states. :meth:`finish` reads the merged final norm and
     head the same way, checks the written headers and config.json, and compares the logits."""
@@ -144,7 +145,8 @@ class Verifier:
         self.batch = [Batch(torch.tensor([self.ids]))]
         self.chain_pass = Pass(self.chain, self.batch, self.chain.tensor(EMBEDDING))
         self.merged = LayerwiseModel(merged_dir, device=device, weights=False)  # merge writes config.json first
-        self.merged_pass = None  # from the merged embedding, once written
+        self.embedding = None  # where the merged embedding was written
+        self.merged_pass = None  # from the merged embedding, once on the file
         self.layer_names = {}  # layer index -> its tensor names (without the prefix)
         for name in self.chain.checkpoint.tensors:
             match = _LAYER.fullmatch(name)
@@ -154,33 +156,48 @@ class Verifier:
         self.written: dict[int, dict[str, tuple[ByteRange, TensorInfo]]] = {}
         self.next_layer = 0
 
-    def add(self, name: str, base_tensor: torch.Tensor, written: ByteRange, info: TensorInfo) -> None:
-        """Tensor ``name`` merged: ``base_tensor`` as read from the base, written to ``written`` as ``info``."""
+    def add(self, name: str, base_tensor: torch.Tensor, written: ByteRange, info: TensorInfo, on_file: Callable[[], None] = lambda: None) -> None:
+        """Tensor ``name`` merged: ``base_tensor`` as read from the base, written to ``written`` as
+        ``info``; ``on_file()`` returns once those bytes are on the file (the merge writes in the background)."""
         match = _LAYER.fullmatch(name)
         if match and name.endswith("rotary_emb.inv_freq"):
             pass  # a buffer of old checkpoints, not a weight of the layer
         elif match:
             index, part = int(match.group(1)), match.group(2)
             self.base.setdefault(index, {})[part] = base_tensor
-            self.written.setdefault(index, {})[part] = (written, info)
+            self.written.setdefault(index, {})[part] = (written, info, on_file)
         elif name == EMBEDDING:
-            from zhllama.layerwise import Pass
+            self.embedding = (written, info, on_file)
+        self._run_ready_layers(lag=1)
 
-            self.merged_pass = Pass(self.merged, self.batch, read_range(written, info))
-        self._run_ready_layers()
+    def _complete(self, index: int) -> bool:
+        names = self.layer_names[index]
+        return set(self.base.get(index, {})) == names and set(self.written.get(index, {})) == names
 
-    def _run_ready_layers(self) -> None:
-        while self.merged_pass is not None and self.next_layer in self.layer_names:
-            index, names = self.next_layer, self.layer_names[self.next_layer]
-            if set(self.base.get(index, {})) != names or set(self.written.get(index, {})) != names:
+    def _run_ready_layers(self, lag: int) -> None:
+        """Run the next layers whose tensors are all in; with ``lag`` 1 a layer waits until the
+        next one is in too, so its bytes are read back once the writer has long written them,
+        while the writer works on the next layer's."""
+        from zhllama.layerwise import Pass
+
+        while self.embedding is not None and self.next_layer in self.layer_names:
+            index = self.next_layer
+            if not self._complete(index) or (lag and index + 1 in self.layer_names and not self._complete(index + 1)):
                 return
+            if self.merged_pass is None:
+                range_, info, on_file = self.embedding
+                on_file()
+                self.merged_pass = Pass(self.merged, self.batch, read_range(range_, info))
             self.chain_pass.step(self.chain.build_layer(index, self.base.pop(index)))
             written = self.written.pop(index)
-            self.merged_pass.step(self.merged.build_layer(index, {part: read_range(r, info) for part, (r, info) in written.items()}))
+            for _, _, on_file in written.values():
+                on_file()
+            self.merged_pass.step(self.merged.build_layer(index, {part: read_range(r, info) for part, (r, info, _) in written.items()}))
             self.next_layer += 1
 
     def finish(self) -> tuple[float, float]:
         """Max |logit difference| between the merged model as written and the peft chain; raises above the tolerance."""
+        self._run_ready_layers(lag=0)
         if self.merged_pass is None or self.next_layer != self.chain.config.num_hidden_layers:
             raise RuntimeError(f"internal error: --verify ran {self.next_layer} decoder layers of {self.chain.config.num_hidden_layers}")
         written = LayerwiseModel(self.merged_dir, device=self.merged.device)  # the headers and config.json as written

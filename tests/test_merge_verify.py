@@ -90,7 +90,7 @@ def test_verify_reads_neither_checkpoint_again(tiny_model_dir, untied_chain, tmp
     reads, streams = [], []
     original_read, original_iter = Checkpoint.read, Checkpoint.iter_tensors
     monkeypatch.setattr(Checkpoint, "read", lambda self, names: reads.extend(names) or original_read(self, names))
-    monkeypatch.setattr(Checkpoint, "iter_tensors", lambda self: streams.append(self.model_dir) or original_iter(self))
+    monkeypatch.setattr(Checkpoint, "iter_tensors", lambda self, **kw: streams.append(self.model_dir) or original_iter(self, **kw))
     assert main(merge_args(tiny_model_dir, untied_chain, tmp_path / "merged", "--dtype", "float32", "--verify")) == 0
     assert figures(tmp_path / "merged")["max_logit_diff"] <= 1e-5
     assert streams == [tiny_model_dir] and not [n for n in reads if ".layers." in n]
