@@ -128,11 +128,13 @@ def _peft_wrapper(adapters: list[Adapter]):
 class Verifier:
     """Both passes, run while ``zhllama merge`` writes the merged checkpoint, so neither checkpoint is
     read again: the merge hands over each tensor it merged (:meth:`add`) with the base tensor it
-    read and where it wrote the result; once decoder layer N is complete on both sides (N-1 has run
-    and N+1 is in, so the merge's background writer has put N on the file) the chain's layer N is built from the base tensors and the merged layer N from the bytes
-    read back from the merged shard at the offsets of its header (the file as written, from the page
-    cache), and each runs on its own hidden states. :meth:`finish` reads the merged final norm and
-    head the same way, checks the written headers and config.json, and compares the logits."""
+    read (in fp32 where merge made that copy anyway) and where it wrote the result. Once decoder
+    layer N is complete (and N-1 has run) the chain's layer N is built from the base tensors; the
+    merged layer N, once N+1 is in too (so the merge's background writer has put N on the file),
+    from the bytes read back from the merged shard at the offsets of its header (the file as
+    written, from the page cache); each runs on its own hidden states. :meth:`finish` reads the
+    merged final norm and head the same way, checks the written headers and config.json, and
+    compares the logits."""
 
     def __init__(self, merged_dir: Path, model_dir: Path, adapters: list[Adapter], dtype: str, tokenizer_dir: Path, *, device: str = "cpu"):
         from zhllama.layerwise import Pass
@@ -154,7 +156,7 @@ class Verifier:
                 self.layer_names.setdefault(int(match.group(1)), set()).add(match.group(2))
         self.base: dict[int, dict[str, torch.Tensor]] = {}
         self.written: dict[int, dict[str, tuple[ByteRange, TensorInfo]]] = {}
-        self.next_layer = 0
+        self.next_chain = self.next_layer = 0  # the next decoder layer of each side to run
 
     def add(self, name: str, base_tensor: torch.Tensor, written: ByteRange, info: TensorInfo, on_file: Callable[[], None] = lambda: None) -> None:
         """Tensor ``name`` merged: ``base_tensor`` as read from the base, written to ``written`` as
@@ -175,20 +177,22 @@ class Verifier:
         return set(self.base.get(index, {})) == names and set(self.written.get(index, {})) == names
 
     def _run_ready_layers(self, lag: int) -> None:
-        """Run the next layers whose tensors are all in; with ``lag`` 1 a layer waits until the
-        next one is in too, so its bytes are read back once the writer has long written them,
-        while the writer works on the next layer's."""
+        """Run the layers whose tensors are all in, in order: the chain's at once (its fp32 weights
+        are freed after), the merged one from the file ``lag`` layers later, so its bytes are read
+        back once the merge's background writer has written them, while it writes the next ones."""
         from zhllama.layerwise import Pass
 
-        while self.embedding is not None and self.next_layer in self.layer_names:
+        while self.next_chain in self.layer_names and self._complete(self.next_chain):
+            self.chain_pass.step(self.chain.build_layer(self.next_chain, self.base.pop(self.next_chain)))
+            self.next_chain += 1
+        while self.embedding is not None and self.next_layer < self.next_chain:
             index = self.next_layer
-            if not self._complete(index) or (lag and index + 1 in self.layer_names and not self._complete(index + 1)):
+            if lag and index + 1 in self.layer_names and index + 1 >= self.next_chain:
                 return
             if self.merged_pass is None:
                 range_, info, on_file = self.embedding
                 on_file()
                 self.merged_pass = Pass(self.merged, self.batch, read_range(range_, info))
-            self.chain_pass.step(self.chain.build_layer(index, self.base.pop(index)))
             written = self.written.pop(index)
             for _, _, on_file in written.values():
                 on_file()

@@ -50,9 +50,9 @@ def test_verify_catches_a_wrong_merge(wrong, tiny_model_dir, untied_chain, tmp_p
 
     original = merge_module._merge_tensor
 
-    def broken(name, tensor, adapters, dtype):
+    def broken(name, tensor, adapters, dtype, **kwargs):  # kwargs: the base's fp32 copy for verify's chain
         if name != "model.layers.1.mlp.down_proj.weight":
-            return original(name, tensor, adapters, dtype)
+            return original(name, tensor, adapters, dtype, **kwargs)
         if wrong == "dropped LoRA":
             return tensor.to(dtype)
         return (2 * original(name, tensor, adapters, torch.float32) - tensor.float()).to(dtype)
