@@ -176,7 +176,7 @@ class Checkpoint:
         read ahead in the background, so the disk reads while the caller computes on what came before."""
         for shard in self.shards:
             if prefetch:
-                _read_ahead(shard)
+                read_ahead(shard)
             yield from self.iter_shard(shard)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -240,7 +240,7 @@ def reuse_freed_memory() -> Iterator[None]:
         malloc_trim(0)
 
 
-def _read_ahead(path: Path) -> None:
+def read_ahead(path: Path) -> None:
     """Start the kernel reading ``path`` into the page cache, from a thread (the advice can block
     while it queues the reads); the memory map then finds the pages there."""
     import threading
