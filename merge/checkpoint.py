@@ -379,7 +379,6 @@ class ShardWriter:
         self.path = path
         self.expected = list(shard.tensors)
         self.sha256 = hashlib.sha256() if digest else None
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="shard-writer") if background else None
         self._pending: list = []  # (future, bytes) of queued writes, oldest first
         self._written: dict = {}  # tensor name -> the future of its last write
         header: dict = {"__metadata__": {"format": "pt"}}
@@ -395,7 +394,12 @@ class ShardWriter:
         self.ranges = {name: ByteRange(path, start + entry["data_offsets"][0], entry["data_offsets"][1] - entry["data_offsets"][0])
                        for name, entry in header.items() if name != "__metadata__"}
         self.fh = open(path, "wb", buffering=0)  # unbuffered: byte ranges are copied at the file's own position
-        self._write(struct.pack("<Q", len(raw)) + raw)
+        try:
+            self._write_now(struct.pack("<Q", len(raw)) + raw)
+        except BaseException:
+            self.fh.close()
+            raise
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="shard-writer") if background else None
 
     def _write(self, data, name: str | None = None) -> None:
         self._submit(self._write_now, data, nbytes=len(memoryview(data).cast("B")), name=name)
