@@ -201,12 +201,12 @@ def _write_shards(base: Checkpoint, adapters: list[Adapter], tied: bool, dtype: 
                 if index not in writers:
                     writers[index] = ShardWriter(out / shards[index].filename, shards[index], background=True)
                 writer = writers[index]
-                base_fp32 = {} if verifier is not None else None
+                base_fp32 = {} if verifier is not None and verifier.keeps(name) else None
                 writer.write(name, _merge_tensor(name, tensor, adapters, out_dtype(base.tensors[name]), base_fp32=base_fp32))
                 if verifier is not None:
                     info = base.tensors[name]
                     written = (writer.ranges[name], TensorInfo(name, info.shape, out_dtype(info)), lambda w=writer, n=name: w.wait(n))
-                    verifier.add(name, base_fp32.pop(name, tensor), *written)
+                    verifier.add(name, (base_fp32 or {}).pop(name, tensor), *written)
                 del tensor
                 if not writer.expected:
                     hashes[shards[index].filename] = writers.pop(index).close()

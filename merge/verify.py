@@ -158,6 +158,11 @@ class Verifier:
         self.written: dict[int, dict[str, tuple[ByteRange, TensorInfo]]] = {}
         self.next_chain = self.next_layer = 0  # the next decoder layer of each side to run
 
+    @staticmethod
+    def keeps(name: str) -> bool:
+        """Whether :meth:`add` keeps tensor ``name``'s base values (a decoder layer's weights) until its layer runs."""
+        return bool(_LAYER.fullmatch(name)) and not name.endswith("rotary_emb.inv_freq")
+
     def add(self, name: str, base_tensor: torch.Tensor, written: ByteRange, info: TensorInfo, on_file: Callable[[], None] = lambda: None) -> None:
         """Tensor ``name`` merged: ``base_tensor`` as read from the base, written to ``written`` as
         ``info``; ``on_file()`` returns once those bytes are on the file (the merge writes in the background)."""
