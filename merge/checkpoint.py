@@ -371,7 +371,7 @@ class ShardWriter:
     a named tensor is on its file (for a reader of it). The written bytes are the same either way.
     """
 
-    MAX_IN_FLIGHT = 512 << 20
+    MAX_IN_FLIGHT = 256 << 20
 
     def __init__(self, path: Path, shard: PlannedShard, *, digest: bool = True, background: bool = False):
         from concurrent.futures import ThreadPoolExecutor

@@ -52,11 +52,10 @@ def sample_ids(tokenizer_dir: Path, adapters: list[Adapter], rows: int) -> list[
     return [1 % rows] + [i for i in ids if i < rows] + changed[::step][:MAX_EXTRA_ROWS]
 
 
-def _vocab_matrices(base: LayerwiseModel, adapters: list[Adapter]) -> dict[str, torch.Tensor]:
-    """The chain's embedding and LM head: each adapter's whole-matrix replacement, then its
-    embedding LoRA, then its new rows (peft's load order), adapter after adapter."""
-    names = [EMBEDDING] if base.tied else [EMBEDDING, OUTPUT_EMBEDDING]
-    matrices = {name: base.checkpoint.read([name])[name].float() for name in names}
+def _vocab_matrix(base: LayerwiseModel, adapters: list[Adapter], name: str) -> dict[str, torch.Tensor]:
+    """The chain's embedding or LM head (``name``): each adapter's whole-matrix replacement, then
+    its embedding LoRA, then its new rows (peft's load order), adapter after adapter."""
+    matrices = {name: base.checkpoint.read([name])[name].float()}
     for adapter in adapters:
         for kind in ("replace", "lora", "rows"):
             for edit in (e for e in adapter.edits if e.kind == kind and e.target in matrices):
@@ -87,7 +86,7 @@ def _peft_wrapper(adapters: list[Adapter]):
         if adapter.config.get("peft_type") != "LORA":
             continue  # trainable tokens touch only the embedding and head
         config = LoraConfig.from_pretrained(str(adapter.directory))
-        # the rows and whole matrices are the vocabulary matrices' business (see _vocab_matrices)
+        # the rows and whole matrices are the vocabulary matrices' business (see _vocab_matrix)
         config.trainable_token_indices, config.modules_to_save = None, None
         configs.append(config)
         weights = adapter.directory / "adapter_model.safetensors"
@@ -140,12 +139,14 @@ class Verifier:
         from zhllama.layerwise import Pass
 
         self.merged_dir, self.dtype = merged_dir, dtype
+        self.adapters = adapters
         self.chain = LayerwiseModel(model_dir, device=device, edit_layer=_peft_wrapper(adapters))
-        self.chain.overrides = _vocab_matrices(self.chain, adapters)
-        rows = self.chain.overrides[EMBEDDING].shape[0]
-        self.ids = sample_ids(tokenizer_dir, adapters, rows)
+        # the embedding is needed only to start the pass, the head only at the end: neither is held meanwhile
+        embedding = _vocab_matrix(self.chain, adapters, EMBEDDING)[EMBEDDING]
+        self.ids = sample_ids(tokenizer_dir, adapters, embedding.shape[0])
         self.batch = [Batch(torch.tensor([self.ids]))]
-        self.chain_pass = Pass(self.chain, self.batch, self.chain.tensor(EMBEDDING))
+        self.chain_pass = Pass(self.chain, self.batch, embedding)
+        del embedding
         self.merged = LayerwiseModel(merged_dir, device=device, weights=False)  # merge writes config.json first
         self.embedding = None  # where the merged embedding was written
         self.merged_pass = None  # from the merged embedding, once on the file
@@ -212,6 +213,7 @@ class Verifier:
         written = LayerwiseModel(self.merged_dir, device=self.merged.device)  # the headers and config.json as written
         if written.checkpoint.tensors.keys() != {n for n in self.chain.checkpoint.tensors if not (written.tied and n == OUTPUT_EMBEDDING)}:
             raise ZhllamaError(f"--verify: {self.merged_dir} does not hold the base's tensors; the merge is wrong, please report it")
+        self.chain.overrides = _vocab_matrix(self.chain, self.adapters, EMBEDDING if self.chain.tied else OUTPUT_EMBEDDING)
         reference = self._logits(self.chain_pass, self.chain)
         merged = self._logits(self.merged_pass, written)
         diff = (merged - reference).abs().max().item()
