@@ -15,7 +15,6 @@ are then copied file to file inside the kernel, never decoded into a tensor.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -212,32 +211,6 @@ class Checkpoint:
                     f"{self.shard_of[info.name]}: tensor {info.name} has shape {info.shape} but {self.model_dir / 'config.json'} "
                     f"implies {expected}; the shard belongs to another model or was written wrongly"
                 )
-
-
-@contextlib.contextmanager
-def reuse_freed_memory() -> Iterator[None]:
-    """Inside: glibc keeps freed memory for the next allocation instead of returning it to the
-    system. By default it maps every large tensor afresh and unmaps it when freed, so each new
-    tensor's pages fault in one by one, which in a VM costs about as much as the arithmetic on
-    them; streaming a checkpoint allocates the same shapes over and over. The process holds its
-    peak allocation meanwhile; the defaults are restored and the memory given back after."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        yield
-        return
-    m_trim_threshold, m_mmap_max = -1, -4
-    mallopt(m_mmap_max, 0)
-    mallopt(m_trim_threshold, 1 << 40)
-    try:
-        yield
-    finally:
-        mallopt(m_mmap_max, 65536)
-        mallopt(m_trim_threshold, 128 << 10)
-        malloc_trim(0)
 
 
 def read_ahead(path: Path) -> None:

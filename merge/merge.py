@@ -43,7 +43,6 @@ from zhllama.merge.checkpoint import (
     parse_size,
     plan_shards,
     read_config,
-    reuse_freed_memory,
     tied_embeddings,
     write_config,
     write_index,
@@ -295,8 +294,7 @@ def merge_chain(options: MergeOptions) -> MergeResult:
                 from zhllama.merge.verify import Verifier
 
                 verifier = Verifier(tmp, model_dir, adapters, dtype_name, tokenizer_dir, device=options.device)
-            with reuse_freed_memory():
-                hashes = _write_shards(base, adapters, tied, torch_dtype(dtype_name), parse_size(options.max_shard_size), tmp, verifier)
+            hashes = _write_shards(base, adapters, tied, torch_dtype(dtype_name), parse_size(options.max_shard_size), tmp, verifier)
             copy_files(TOKENIZER_FILES, tokenizer_dir, tmp)
             if verifier is not None:
                 max_logit_diff, tolerance = verifier.finish()
