@@ -360,8 +360,10 @@ def merged_results(earlier: dict, results: list[Step], facts: dict) -> dict:
     ones (in the old order, new ones after) and its facts over the old ones of each shape."""
     new = {(s.shape, s.fmt, s.name): vars(s) for s in results}
     rows = [new.pop((r["shape"], r["fmt"], r["name"]), r) for r in earlier.get("steps", [])] + list(new.values())
-    old_facts = earlier.get("facts", {})
-    return {"steps": rows, "facts": {**old_facts, **{k: {**old_facts.get(k, {}), **v} for k, v in facts.items()}}}
+    def over(old: dict, new: dict) -> dict:  # nested dicts (each step's copy speed) merged too
+        return {**old, **{k: over(old.get(k) or {}, v) if isinstance(v, dict) else v for k, v in new.items()}}
+
+    return {"steps": rows, "facts": over(earlier.get("facts", {}), facts)}
 
 
 def main() -> int:
