@@ -25,7 +25,9 @@ SIGTERM).
 
     .venv/bin/python bench/scale.py --shape 7b --format safetensors [--shape 13b --format bin ...]
 
-Prints a table and writes bench/out/scale.json. ``--shape tiny`` runs the same steps on a toy
+Prints a table and writes bench/out/scale.json (its rows for what was measured replaced, the
+others kept). ``--steps verify`` (or ``vocab,extend,verify,gguf``, comma-separated) measures only
+those steps; the ones a measured step needs still run, unmeasured. ``--shape tiny`` runs the same steps on a toy
 shape in seconds (to check the script).
 """
 
@@ -280,7 +282,10 @@ def check_identical(base: Path, extended: Path) -> dict:
     return {"identical_tensors": same, "differing_tensors": differ}
 
 
-def bench_shape(shape: str, fmt: str, work: Path, shard_bytes: int, results: list, facts: dict, log) -> None:
+STEPS = {"vocab": "vocab merge", "extend": "extend", "verify": "merge --verify", "gguf": "export gguf bf16"}
+
+
+def bench_shape(shape: str, fmt: str, work: Path, shard_bytes: int, results: list, facts: dict, log, steps: set[str] = frozenset(STEPS)) -> None:
     root = work / f"{shape}-{fmt}"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -297,6 +302,9 @@ def bench_shape(shape: str, fmt: str, work: Path, shard_bytes: int, results: lis
         facts[key]["copy_mb_s"] = {}
 
         def step(name: str, argv: list[str], read: int, written_of, new_matrices: int = 0) -> None:
+            if name not in {STEPS[s] for s in steps}:  # not measured, only run for the steps after it
+                run_step(argv, log)
+                return
             # the disk's speed just before the step (the machine is shared: it varies); the step's
             # input is dropped from the page cache like the copy's, so both read from the disk
             speed = None
@@ -321,26 +329,41 @@ def bench_shape(shape: str, fmt: str, work: Path, shard_bytes: int, results: lis
         new_matrices = 2 * math.ceil(rows / 64) * 64 * config["hidden_size"] * 2
         step("extend", ["extend", "--model", str(base), "--tokenizer", str(tokenizer), "--out", str(extended), "--head-init", "mean"],
              du(base), lambda: du(extended), new_matrices)
-        facts[key].update(check_identical(base, extended))
-        facts[key]["extended_shards"] = sorted(p.name for p in extended.glob("*.safetensors"))
-        print(f"{key}: unchanged tensors {facts[key]}", flush=True)
+        if "extend" in steps:
+            facts[key].update(check_identical(base, extended))
+            facts[key]["extended_shards"] = sorted(p.name for p in extended.glob("*.safetensors"))
+            print(f"{key}: unchanged tensors {facts[key]}", flush=True)
         shutil.rmtree(base)
-        if fmt == "bin":
+        if fmt == "bin" or not steps & {"verify", "gguf"}:
             return  # the .bin run measures the conversion; the later steps read safetensors either way
         write_lora(extended, lora)
         check_disk(work, du(extended))
         # the base once (verify runs on the merge's stream) and its embedding and head again (the chain's)
         step("merge --verify", ["merge", "--model", str(extended), "--adapter", str(lora), "--out", str(merged), "--verify"],
              du(extended) + new_matrices, lambda: du(merged), new_matrices)
-        manifest = json.loads((merged / "zhllama.json").read_text())
-        facts[key]["verify_max_logit_diff"] = manifest["figures"]["max_logit_diff"]
-        facts[key]["verify_tolerance"] = manifest["figures"]["logit_tolerance"]
+        if "verify" in steps:
+            manifest = json.loads((merged / "zhllama.json").read_text())
+            facts[key]["verify_max_logit_diff"] = manifest["figures"]["max_logit_diff"]
+            facts[key]["verify_tolerance"] = manifest["figures"]["logit_tolerance"]
         shutil.rmtree(extended)
+        if "gguf" not in steps:
+            return
         check_disk(work, du(merged))
         step("export gguf bf16", ["export", "gguf", "--model", str(merged), "--out", str(gguf), "--outtype", "bf16"],
              du(merged), lambda: du(gguf))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def merged_results(earlier: dict, results: list[Step], facts: dict) -> dict:
+    """The results file with this run's rows in place of the same shape, format and step's old
+    ones (in the old order, new ones after) and its facts over the old ones of each shape."""
+    new = {(s.shape, s.fmt, s.name): vars(s) for s in results}
+    rows = [new.pop((r["shape"], r["fmt"], r["name"]), r) for r in earlier.get("steps", [])] + list(new.values())
+    def over(old: dict, new: dict) -> dict:  # nested dicts (each step's copy speed) merged too
+        return {**old, **{k: over(old.get(k) or {}, v) if isinstance(v, dict) else v for k, v in new.items()}}
+
+    return {"steps": rows, "facts": over(earlier.get("facts", {}), facts)}
 
 
 def main() -> int:
@@ -349,7 +372,10 @@ def main() -> int:
     parser.add_argument("--format", action="append", choices=("safetensors", "bin"), help="checkpoint format of each --shape")
     parser.add_argument("--shard-size", default="2GiB", help="base checkpoint shard size")
     parser.add_argument("--work", type=Path, default=Path("/tmp/zhllama-scale"), help="scratch directory (deleted)")
-    parser.add_argument("--json", type=Path, default=HERE / "out" / "scale.json")
+    parser.add_argument("--steps", default=",".join(STEPS),
+                        help=f"steps to measure, comma-separated ({', '.join(STEPS)}); the steps a later one needs still run, unmeasured")
+    parser.add_argument("--json", type=Path, default=HERE / "out" / "scale.json",
+                        help="results file; rows of the shapes, formats and steps measured now replace their old rows, the others stay")
     args = parser.parse_args()
     import signal
 
@@ -360,22 +386,26 @@ def main() -> int:
         parser.error("give one --format per --shape")
     from zhllama.merge.checkpoint import parse_size
 
+    steps = set(args.steps.split(","))
+    if steps - set(STEPS):
+        parser.error(f"--steps: unknown {', '.join(sorted(steps - set(STEPS)))}; choose from {', '.join(STEPS)}")
     shard_bytes = parse_size(args.shard_size) if not shapes == ["tiny"] else 2 * 10**6
     args.work.mkdir(parents=True, exist_ok=True)
     results: list[Step] = []
     facts: dict = {}
+    earlier = json.loads(args.json.read_text()) if args.json.is_file() else {"steps": [], "facts": {}}
     status = 0
     with open(args.work / "steps.log", "a") as log:
         print("| shape | format | step | wall time | CPU time | peak RssAnon | peak RssFile | disk read / written | load (1 min) before → after |\n"
               "|---|---|---|---|---|---|---|---|---|", flush=True)
         for shape, fmt in zip(shapes, formats):
             try:
-                bench_shape(shape, fmt, args.work, shard_bytes, results, facts, log)
+                bench_shape(shape, fmt, args.work, shard_bytes, results, facts, log, steps)
             except (DiskFull, RuntimeError) as error:
                 print(f"{shape}-{fmt}: stopped: {error}", flush=True)
                 status = 1
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"steps": [vars(s) for s in results], "facts": facts}, indent=2) + "\n")
+            args.json.write_text(json.dumps(merged_results(earlier, results, facts), indent=2) + "\n")
     print(json.dumps(facts, indent=1))
     return status
 

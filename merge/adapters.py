@@ -60,16 +60,21 @@ class Edit:
             return (inp, out) if self.transpose else (out, inp)
         return None
 
-    def apply(self, weight: torch.Tensor) -> torch.Tensor:
-        """Apply to an fp32 ``weight`` (in place where possible) and return it."""
+    def apply(self, weight: torch.Tensor, *, in_place: bool = True) -> torch.Tensor:
+        """Apply to an fp32 ``weight`` and return the result: ``weight`` itself, changed in place
+        where possible, or (``in_place=False``) a new tensor, ``weight`` left as it was; the values
+        are the same either way."""
         if self.kind == "replace":
             return self.value.to(torch.float32).clone()
         if self.kind == "lora":
             # in place (W += s·B@A without a temporary delta matrix): W is the largest thing in memory
             lora_a, lora_b = self.lora_a.to(torch.float32), self.lora_b.to(torch.float32)
-            if self.transpose:
-                return weight.addmm_(lora_a.T, lora_b.T, alpha=self.scaling)
-            return weight.addmm_(lora_b, lora_a, alpha=self.scaling)
+            left, right = (lora_a.T, lora_b.T) if self.transpose else (lora_b, lora_a)
+            if in_place:
+                return weight.addmm_(left, right, alpha=self.scaling)
+            return torch.addmm(weight, left, right, alpha=self.scaling)
+        if not in_place:
+            weight = weight.clone()
         weight[torch.tensor(self.indices)] = self.value.to(torch.float32)
         return weight
 

@@ -170,8 +170,12 @@ class Checkpoint:
         except (OSError, ValueError, KeyError, struct.error) as e:
             raise ZhllamaError(f"{shard}: unreadable safetensors header ({e}); the file is damaged, copy or download it again") from e
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_tensors(self, *, prefetch: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, shard by shard; with ``prefetch`` each shard is first handed to the kernel to
+        read ahead in the background, so the disk reads while the caller computes on what came before."""
         for shard in self.shards:
+            if prefetch:
+                read_ahead(shard)
             yield from self.iter_shard(shard)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -207,6 +211,24 @@ class Checkpoint:
                     f"{self.shard_of[info.name]}: tensor {info.name} has shape {info.shape} but {self.model_dir / 'config.json'} "
                     f"implies {expected}; the shard belongs to another model or was written wrongly"
                 )
+
+
+def read_ahead(path: Path) -> None:
+    """Start the kernel reading ``path`` into the page cache, from a thread (the advice can block
+    while it queues the reads); the memory map then finds the pages there."""
+    import threading
+
+    def advise() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except (OSError, AttributeError):
+            pass  # only a hint: without it the pages are read on demand
+
+    threading.Thread(target=advise, name="read-ahead", daemon=True).start()
 
 
 def expected_shape(name: str, config: dict) -> tuple[int, ...] | None:
@@ -314,12 +336,24 @@ def _write_all(fd: int, data) -> int:
 
 
 class ShardWriter:
-    """Write one planned safetensors shard, tensor by tensor, in the planned order."""
+    """Write one planned safetensors shard, tensor by tensor, in the planned order.
 
-    def __init__(self, path: Path, shard: PlannedShard, *, digest: bool = True):
+    With ``background=True`` the bytes are hashed and written by a worker thread (hashlib and
+    ``os.write`` release the GIL on large buffers), so the caller computes the next tensor on the
+    other core meanwhile; at most :data:`MAX_IN_FLIGHT` bytes wait, and :meth:`wait` blocks until
+    a named tensor is on its file (for a reader of it). The written bytes are the same either way.
+    """
+
+    MAX_IN_FLIGHT = 256 << 20
+
+    def __init__(self, path: Path, shard: PlannedShard, *, digest: bool = True, background: bool = False):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.path = path
         self.expected = list(shard.tensors)
         self.sha256 = hashlib.sha256() if digest else None
+        self._pending: list = []  # (future, bytes) of queued writes, oldest first
+        self._written: dict = {}  # tensor name -> the future of its last write
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
         for info in self.expected:
@@ -333,18 +367,69 @@ class ShardWriter:
         self.ranges = {name: ByteRange(path, start + entry["data_offsets"][0], entry["data_offsets"][1] - entry["data_offsets"][0])
                        for name, entry in header.items() if name != "__metadata__"}
         self.fh = open(path, "wb", buffering=0)  # unbuffered: byte ranges are copied at the file's own position
-        self._write(struct.pack("<Q", len(raw)) + raw)
+        try:
+            self._write_now(struct.pack("<Q", len(raw)) + raw)
+        except BaseException:
+            self.fh.close()
+            raise
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="shard-writer") if background else None
 
-    def _write(self, data) -> None:
+    def _write(self, data, name: str | None = None) -> None:
+        self._submit(self._write_now, data, nbytes=len(memoryview(data).cast("B")), name=name)
+
+    def _submit(self, work, *args, nbytes: int, name: str | None = None) -> None:
+        """Run ``work(*args)`` now, or queue it for the worker (in order) when writing in the background."""
+        if self._worker is None:
+            work(*args)
+            return
+        # the queued buffer keeps its tensor alive until the worker is done with it
+        future = self._worker.submit(work, *args)
+        self._pending.append((future, nbytes))
+        if name is not None:
+            self._written[name] = future
+        while len(self._pending) > 1 and sum(n for _, n in self._pending) > self.MAX_IN_FLIGHT:
+            self._pending.pop(0)[0].result()
+        waiting = []
+        for queued, size in self._pending:
+            if queued.done():
+                queued.result()  # a failed write raises here, at the next tensor
+            else:
+                waiting.append((queued, size))
+        self._pending = waiting
+
+    def _write_now(self, data) -> None:
         if self.sha256 is not None:
             self.sha256.update(data)
         _write_all(self.fh.fileno(), data)
+
+    def wait(self, name: str) -> None:
+        """Block until tensor ``name``'s bytes are written (the worker writes in order)."""
+        future = self._written.pop(name, None)
+        if future is not None:
+            future.result()
+
+    def _drain(self) -> None:
+        try:
+            while self._pending:
+                self._pending.pop(0)[0].result()
+        finally:
+            self._written.clear()
+            if self._worker is not None:
+                self._worker.shutdown()
+
+    def abort(self) -> None:
+        """Stop after a failure elsewhere: let queued writes end, close the file (which the caller removes)."""
+        try:
+            self._drain()
+        except (OSError, ZhllamaError):
+            pass  # the failure being handled is the one to report
+        self.fh.close()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         info = self.expected.pop(0)
         if info.name != name or tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
             raise RuntimeError(f"internal error: shard {self.path.name} expected {info}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
-        self._write(_bytes_of(tensor))
+        self._write(_bytes_of(tensor), name)
 
     def write_parts(self, name: str, parts: list["torch.Tensor | ByteRange"]) -> None:
         """Tensor ``name`` as the concatenation of ``parts``' bytes: tensors (of its dtype) and byte
@@ -358,7 +443,7 @@ class ShardWriter:
             if not isinstance(part, ByteRange):
                 self._write(_bytes_of(part))
             elif self.sha256 is None:
-                _copy_range(part, self.fh.fileno())
+                self._submit(_copy_range, part, self.fh.fileno(), nbytes=0)
             else:
                 with open(part.path, "rb") as src:
                     for offset in range(part.offset, part.offset + part.length, 64 << 20):
@@ -367,10 +452,15 @@ class ShardWriter:
                         if len(data) != want:
                             raise ZhllamaError(f"{part.path}: ends before byte {offset + want}; the file is truncated, copy or download it again")
                         self._write(data)
+        if self._pending:
+            self._written[name] = self._pending[-1][0]
 
     def close(self) -> str | None:
         """Finish the file and return its SHA-256 (None when made with ``digest=False``)."""
-        self.fh.close()
+        try:
+            self._drain()
+        finally:
+            self.fh.close()
         if self.expected:
             raise RuntimeError(f"internal error: shard {self.path.name} is missing {[t.name for t in self.expected]}")
         return self.sha256.hexdigest() if self.sha256 is not None else None

@@ -144,8 +144,11 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
-def _merge_tensor(name: str, tensor: torch.Tensor, adapters: list[Adapter], dtype: torch.dtype) -> torch.Tensor:
-    """Apply every adapter's edits of ``name`` in chain order (in fp32), then cast to ``dtype``."""
+def _merge_tensor(name: str, tensor: torch.Tensor, adapters: list[Adapter], dtype: torch.dtype, *, base_fp32: dict | None = None) -> torch.Tensor:
+    """Apply every adapter's edits of ``name`` in chain order (in fp32), then cast to ``dtype``.
+
+    ``base_fp32``: a dict that receives the unedited fp32 copy of the base tensor, when one is
+    made (``--verify``'s chain runs on it instead of converting the base a second time)."""
     if not tensor.is_floating_point():
         return tensor
     weight = None
@@ -153,10 +156,14 @@ def _merge_tensor(name: str, tensor: torch.Tensor, adapters: list[Adapter], dtyp
         edits = [e for e in adapter.edits if e.target == name]
         if not edits:
             continue
+        keep = weight is None and base_fp32 is not None
         if weight is None:
             weight = tensor.to(torch.float32, copy=True)
+            if keep:
+                base_fp32[name] = weight
         for edit in sorted(edits, key=lambda e: ("replace", "lora", "rows").index(e.kind)):
-            weight = edit.apply(weight)
+            weight = edit.apply(weight, in_place=not keep)
+            keep = False
         if not _all_finite(weight):
             raise ZhllamaError(f"adapter {adapter.directory} makes {name} non-finite (NaN/inf); the adapter is broken")
     if weight is None:
@@ -183,21 +190,30 @@ def _write_shards(base: Checkpoint, adapters: list[Adapter], tied: bool, dtype: 
     shard_of = {t.name: i for i, s in enumerate(shards) for t in s.tensors}
     writers: dict[int, ShardWriter] = {}
     hashes: dict[str, str] = {}
-    with tqdm(total=len(wanted), desc="merging", unit="tensor", file=sys.stderr) as progress:
-        for name, tensor in base.iter_tensors():
-            if name not in shard_of:
-                continue
-            index = shard_of[name]
-            if index not in writers:
-                writers[index] = ShardWriter(out / shards[index].filename, shards[index])
-            writers[index].write(name, _merge_tensor(name, tensor, adapters, out_dtype(base.tensors[name])))
-            if verifier is not None:
-                info = base.tensors[name]
-                verifier.add(name, tensor, writers[index].ranges[name], TensorInfo(name, info.shape, out_dtype(info)))
-            del tensor
-            if not writers[index].expected:
-                hashes[shards[index].filename] = writers.pop(index).close()
-            progress.update()
+    try:
+        with tqdm(total=len(wanted), desc="merging", unit="tensor", file=sys.stderr) as progress:
+            # the disk reads ahead and a worker hashes and writes, while this thread merges (and verifies)
+            for name, tensor in base.iter_tensors(prefetch=True):
+                if name not in shard_of:
+                    continue
+                index = shard_of[name]
+                if index not in writers:
+                    writers[index] = ShardWriter(out / shards[index].filename, shards[index], background=True)
+                writer = writers[index]
+                base_fp32 = {} if verifier is not None and verifier.keeps(name) else None
+                writer.write(name, _merge_tensor(name, tensor, adapters, out_dtype(base.tensors[name]), base_fp32=base_fp32))
+                if verifier is not None:
+                    info = base.tensors[name]
+                    written = (writer.ranges[name], TensorInfo(name, info.shape, out_dtype(info)), lambda w=writer, n=name: w.wait(n))
+                    verifier.add(name, (base_fp32 or {}).pop(name, tensor), *written)
+                del tensor
+                if not writer.expected:
+                    hashes[shards[index].filename] = writers.pop(index).close()
+                progress.update()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
     write_index(out, shards)
     return hashes
 

@@ -20,6 +20,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -51,11 +52,10 @@ def sample_ids(tokenizer_dir: Path, adapters: list[Adapter], rows: int) -> list[
     return [1 % rows] + [i for i in ids if i < rows] + changed[::step][:MAX_EXTRA_ROWS]
 
 
-def _vocab_matrices(base: LayerwiseModel, adapters: list[Adapter]) -> dict[str, torch.Tensor]:
-    """The chain's embedding and LM head: each adapter's whole-matrix replacement, then its
-    embedding LoRA, then its new rows (peft's load order), adapter after adapter."""
-    names = [EMBEDDING] if base.tied else [EMBEDDING, OUTPUT_EMBEDDING]
-    matrices = {name: base.checkpoint.read([name])[name].float() for name in names}
+def _vocab_matrix(base: LayerwiseModel, adapters: list[Adapter], name: str) -> dict[str, torch.Tensor]:
+    """The chain's embedding or LM head (``name``): each adapter's whole-matrix replacement, then
+    its embedding LoRA, then its new rows (peft's load order), adapter after adapter."""
+    matrices = {name: base.checkpoint.read([name])[name].float()}
     for adapter in adapters:
         for kind in ("replace", "lora", "rows"):
             for edit in (e for e in adapter.edits if e.kind == kind and e.target in matrices):
@@ -86,7 +86,7 @@ def _peft_wrapper(adapters: list[Adapter]):
         if adapter.config.get("peft_type") != "LORA":
             continue  # trainable tokens touch only the embedding and head
         config = LoraConfig.from_pretrained(str(adapter.directory))
-        # the rows and whole matrices are the vocabulary matrices' business (see _vocab_matrices)
+        # the rows and whole matrices are the vocabulary matrices' business (see _vocab_matrix)
         config.trainable_token_indices, config.modules_to_save = None, None
         configs.append(config)
         weights = adapter.directory / "adapter_model.safetensors"
@@ -127,24 +127,29 @@ def _peft_wrapper(adapters: list[Adapter]):
 class Verifier:
     """Both passes, run while ``zhllama merge`` writes the merged checkpoint, so neither checkpoint is
     read again: the merge hands over each tensor it merged (:meth:`add`) with the base tensor it
-    read and where it wrote the result; once decoder layer N is complete on both sides (and N-1 has
-    run) the chain's layer N is built from the base tensors and the merged layer N from the bytes
-    read back from the merged shard at the offsets of its header (the file as written, from the page
-    cache), and each runs on its own hidden states. :meth:`finish` reads the merged final norm and
-    head the same way, checks the written headers and config.json, and compares the logits."""
+    read (in fp32 where merge made that copy anyway) and where it wrote the result. Once decoder
+    layer N is complete (and N-1 has run) the chain's layer N is built from the base tensors; the
+    merged layer N, once N+1 is in too (so the merge's background writer has put N on the file),
+    from the bytes read back from the merged shard at the offsets of its header (the file as
+    written, from the page cache); each runs on its own hidden states. :meth:`finish` reads the
+    merged final norm and head the same way, checks the written headers and config.json, and
+    compares the logits."""
 
     def __init__(self, merged_dir: Path, model_dir: Path, adapters: list[Adapter], dtype: str, tokenizer_dir: Path, *, device: str = "cpu"):
         from zhllama.layerwise import Pass
 
         self.merged_dir, self.dtype = merged_dir, dtype
+        self.adapters = adapters
         self.chain = LayerwiseModel(model_dir, device=device, edit_layer=_peft_wrapper(adapters))
-        self.chain.overrides = _vocab_matrices(self.chain, adapters)
-        rows = self.chain.overrides[EMBEDDING].shape[0]
-        self.ids = sample_ids(tokenizer_dir, adapters, rows)
+        # the embedding is needed only to start the pass, the head only at the end: neither is held meanwhile
+        embedding = _vocab_matrix(self.chain, adapters, EMBEDDING)[EMBEDDING]
+        self.ids = sample_ids(tokenizer_dir, adapters, embedding.shape[0])
         self.batch = [Batch(torch.tensor([self.ids]))]
-        self.chain_pass = Pass(self.chain, self.batch, self.chain.tensor(EMBEDDING))
+        self.chain_pass = Pass(self.chain, self.batch, embedding)
+        del embedding
         self.merged = LayerwiseModel(merged_dir, device=device, weights=False)  # merge writes config.json first
-        self.merged_pass = None  # from the merged embedding, once written
+        self.embedding = None  # where the merged embedding was written
+        self.merged_pass = None  # from the merged embedding, once on the file
         self.layer_names = {}  # layer index -> its tensor names (without the prefix)
         for name in self.chain.checkpoint.tensors:
             match = _LAYER.fullmatch(name)
@@ -152,40 +157,63 @@ class Verifier:
                 self.layer_names.setdefault(int(match.group(1)), set()).add(match.group(2))
         self.base: dict[int, dict[str, torch.Tensor]] = {}
         self.written: dict[int, dict[str, tuple[ByteRange, TensorInfo]]] = {}
-        self.next_layer = 0
+        self.next_chain = self.next_layer = 0  # the next decoder layer of each side to run
 
-    def add(self, name: str, base_tensor: torch.Tensor, written: ByteRange, info: TensorInfo) -> None:
-        """Tensor ``name`` merged: ``base_tensor`` as read from the base, written to ``written`` as ``info``."""
+    @staticmethod
+    def keeps(name: str) -> bool:
+        """Whether :meth:`add` keeps tensor ``name``'s base values (a decoder layer's weights) until its layer runs."""
+        return bool(_LAYER.fullmatch(name)) and not name.endswith("rotary_emb.inv_freq")
+
+    def add(self, name: str, base_tensor: torch.Tensor, written: ByteRange, info: TensorInfo, on_file: Callable[[], None] = lambda: None) -> None:
+        """Tensor ``name`` merged: ``base_tensor`` as read from the base, written to ``written`` as
+        ``info``; ``on_file()`` returns once those bytes are on the file (the merge writes in the background)."""
         match = _LAYER.fullmatch(name)
         if match and name.endswith("rotary_emb.inv_freq"):
             pass  # a buffer of old checkpoints, not a weight of the layer
         elif match:
             index, part = int(match.group(1)), match.group(2)
             self.base.setdefault(index, {})[part] = base_tensor
-            self.written.setdefault(index, {})[part] = (written, info)
+            self.written.setdefault(index, {})[part] = (written, info, on_file)
         elif name == EMBEDDING:
-            from zhllama.layerwise import Pass
+            self.embedding = (written, info, on_file)
+        self._run_ready_layers(lag=1)
 
-            self.merged_pass = Pass(self.merged, self.batch, read_range(written, info))
-        self._run_ready_layers()
+    def _complete(self, index: int) -> bool:
+        names = self.layer_names[index]
+        return set(self.base.get(index, {})) == names and set(self.written.get(index, {})) == names
 
-    def _run_ready_layers(self) -> None:
-        while self.merged_pass is not None and self.next_layer in self.layer_names:
-            index, names = self.next_layer, self.layer_names[self.next_layer]
-            if set(self.base.get(index, {})) != names or set(self.written.get(index, {})) != names:
+    def _run_ready_layers(self, lag: int) -> None:
+        """Run the layers whose tensors are all in, in order: the chain's at once (its fp32 weights
+        are freed after), the merged one from the file ``lag`` layers later, so its bytes are read
+        back once the merge's background writer has written them, while it writes the next ones."""
+        from zhllama.layerwise import Pass
+
+        while self.next_chain in self.layer_names and self._complete(self.next_chain):
+            self.chain_pass.step(self.chain.build_layer(self.next_chain, self.base.pop(self.next_chain)))
+            self.next_chain += 1
+        while self.embedding is not None and self.next_layer < self.next_chain:
+            index = self.next_layer
+            if lag and index + 1 in self.layer_names and index + 1 >= self.next_chain:
                 return
-            self.chain_pass.step(self.chain.build_layer(index, self.base.pop(index)))
+            if self.merged_pass is None:
+                range_, info, on_file = self.embedding
+                on_file()
+                self.merged_pass = Pass(self.merged, self.batch, read_range(range_, info))
             written = self.written.pop(index)
-            self.merged_pass.step(self.merged.build_layer(index, {part: read_range(r, info) for part, (r, info) in written.items()}))
+            for _, _, on_file in written.values():
+                on_file()
+            self.merged_pass.step(self.merged.build_layer(index, {part: read_range(r, info) for part, (r, info, _) in written.items()}))
             self.next_layer += 1
 
     def finish(self) -> tuple[float, float]:
         """Max |logit difference| between the merged model as written and the peft chain; raises above the tolerance."""
+        self._run_ready_layers(lag=0)
         if self.merged_pass is None or self.next_layer != self.chain.config.num_hidden_layers:
             raise RuntimeError(f"internal error: --verify ran {self.next_layer} decoder layers of {self.chain.config.num_hidden_layers}")
         written = LayerwiseModel(self.merged_dir, device=self.merged.device)  # the headers and config.json as written
         if written.checkpoint.tensors.keys() != {n for n in self.chain.checkpoint.tensors if not (written.tied and n == OUTPUT_EMBEDDING)}:
             raise ZhllamaError(f"--verify: {self.merged_dir} does not hold the base's tensors; the merge is wrong, please report it")
+        self.chain.overrides = _vocab_matrix(self.chain, self.adapters, EMBEDDING if self.chain.tied else OUTPUT_EMBEDDING)
         reference = self._logits(self.chain_pass, self.chain)
         merged = self._logits(self.merged_pass, written)
         diff = (merged - reference).abs().max().item()

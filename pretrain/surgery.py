@@ -37,6 +37,7 @@ from zhllama.merge.checkpoint import (
     TensorInfo,
     parse_size,
     plan_shards,
+    read_ahead,
     read_config,
     tied_embeddings,
     write_config,
@@ -108,8 +109,10 @@ def write_extended(
 def _sources(base: Checkpoint) -> Iterator[tuple[str, "torch.Tensor | ByteRange"]]:
     """Each base tensor in shard order: a safetensors tensor as the byte range it occupies (copied
     file to file, never decoded), a ``.bin`` one as a view of the shard's memory map (written once
-    from the map, no in-memory copy)."""
+    from the map, no in-memory copy). Each shard is handed to the kernel to read ahead first, so
+    the disk reads the shard while the copy writes what came before."""
     for shard in base.shards:
+        read_ahead(shard)
         if shard.suffix == ".safetensors":
             yield from base.byte_ranges(shard).items()
         else:

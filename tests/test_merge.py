@@ -235,3 +235,35 @@ def test_tied_model_with_diverging_output_rows_is_refused(tiny_tied_model_dir, t
     adapter = make_adapter(tiny_tied_model_dir, [], config, tmp_path / "a", seed=14)
     out = tmp_path / "merged"
     _refused(capsys, merge_args(tiny_tied_model_dir, [adapter], out), out, "cannot stay tied", "embed_tokens only")
+
+
+def test_background_shard_writer_writes_the_same_bytes_and_reports_a_failed_write(tmp_path, monkeypatch):
+    """merge hashes and writes in a worker thread: the file and its hash are those of the plain
+    writer, ``wait`` returns once a tensor is on the file, and a write that fails in the worker
+    fails the merge (here at ``close``) rather than vanishing with the thread."""
+    from zhllama.merge.checkpoint import ShardWriter, TensorInfo, plan_shards, read_range
+
+    tensors = {f"t{i}": torch.randn(64 + i, 32, generator=torch.Generator().manual_seed(i)) for i in range(6)}
+    [shard] = plan_shards([TensorInfo(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], 10**9)
+    monkeypatch.setattr(ShardWriter, "MAX_IN_FLIGHT", 20_000)  # a few tensors queued at most
+    digests = {}
+    for background in (False, True):
+        writer = ShardWriter(tmp_path / f"{background}.safetensors", shard, background=background)
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+            writer.wait(name)
+            assert torch.equal(read_range(writer.ranges[name], shard.tensors[list(tensors).index(name)]), tensor)
+        digests[background] = writer.close()
+    assert digests[True] == digests[False] == file_sha256(tmp_path / "True.safetensors")
+    assert (tmp_path / "True.safetensors").read_bytes() == (tmp_path / "False.safetensors").read_bytes()
+
+    writer = ShardWriter(tmp_path / "full.safetensors", shard, background=True)  # its header is written at once
+
+    def disk_full(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ShardWriter, "_write_now", disk_full)
+    with pytest.raises(OSError, match="No space"):  # at the next write or at close, whichever comes first
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+        writer.close()

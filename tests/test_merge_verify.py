@@ -50,9 +50,9 @@ def test_verify_catches_a_wrong_merge(wrong, tiny_model_dir, untied_chain, tmp_p
 
     original = merge_module._merge_tensor
 
-    def broken(name, tensor, adapters, dtype):
+    def broken(name, tensor, adapters, dtype, **kwargs):  # kwargs: the base's fp32 copy for verify's chain
         if name != "model.layers.1.mlp.down_proj.weight":
-            return original(name, tensor, adapters, dtype)
+            return original(name, tensor, adapters, dtype, **kwargs)
         if wrong == "dropped LoRA":
             return tensor.to(dtype)
         return (2 * original(name, tensor, adapters, torch.float32) - tensor.float()).to(dtype)
@@ -90,7 +90,7 @@ def test_verify_reads_neither_checkpoint_again(tiny_model_dir, untied_chain, tmp
     reads, streams = [], []
     original_read, original_iter = Checkpoint.read, Checkpoint.iter_tensors
     monkeypatch.setattr(Checkpoint, "read", lambda self, names: reads.extend(names) or original_read(self, names))
-    monkeypatch.setattr(Checkpoint, "iter_tensors", lambda self: streams.append(self.model_dir) or original_iter(self))
+    monkeypatch.setattr(Checkpoint, "iter_tensors", lambda self, **kw: streams.append(self.model_dir) or original_iter(self, **kw))
     assert main(merge_args(tiny_model_dir, untied_chain, tmp_path / "merged", "--dtype", "float32", "--verify")) == 0
     assert figures(tmp_path / "merged")["max_logit_diff"] <= 1e-5
     assert streams == [tiny_model_dir] and not [n for n in reads if ".layers." in n]

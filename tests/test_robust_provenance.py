@@ -72,6 +72,25 @@ def test_vocab_outputs_record_inputs_and_versions(zh_sp_dir, merged_tokenizer_di
     assert_versions(merged)
 
 
+def test_vocab_merge_from_a_model_dir_hashes_only_the_tokenizer_it_reads(tiny_model_dir, zh_sp_dir, tmp_path, monkeypatch):
+    """``--base MODEL_DIR`` reads tokenizer.model alone: hashing the weights too would read the
+    whole model (12.5 GiB at 7B) for a step that needs none of it; the model is named by its
+    fingerprint instead, as extend names it."""
+    import zhllama.provenance as provenance
+
+    hashed = []
+    real_sha256 = provenance.file_sha256
+    monkeypatch.setattr(provenance, "file_sha256", lambda path, *a: hashed.append(Path(path).name) or real_sha256(path, *a))
+    out = tmp_path / "merged"
+    ok(["vocab", "merge", "--base", tiny_model_dir, "--add", zh_sp_dir / "chinese_sp.model", "--out", out])
+    base = manifest(out)["inputs"]["base"]
+    assert base["path"] == str(tiny_model_dir.resolve())
+    assert list(base["files"]) == ["tokenizer.model"]
+    assert_file_hashes(base)
+    assert base["fingerprint"] == model_fingerprint(tiny_model_dir)
+    assert not [name for name in hashed if name.endswith((".safetensors", ".bin"))], hashed
+
+
 def test_extend_records_base_fingerprint_and_tokenizer_hashes(chain, tiny_model_dir):
     record = manifest(chain.extended)
     assert record["command"] == "extend"

@@ -26,11 +26,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from zhllama.chain import WEIGHT_SUFFIXES, model_fingerprint
 from zhllama.errors import ZhllamaError
 from zhllama.args import OutputArgs
 from zhllama.options import option
 from zhllama.outdir import atomic_output_dir, check_output_target
-from zhllama.provenance import write_manifest
+from zhllama.provenance import describe_input, write_manifest
 from zhllama.vocab.hf import save_hf_tokenizer, unbuildable_pieces
 from zhllama.vocab.spmodel import (
     NORMAL,
@@ -267,6 +268,21 @@ def merge_sp_models(
     return merged, report
 
 
+def describe_base(base: Path) -> dict:
+    """The manifest entry of ``--base``: the hash of the one file read, ``tokenizer.model``.
+
+    A model directory's weights are not read, so not hashed (that would read the whole model);
+    its fingerprint, the identity ``extend`` records, ties the tokenizer to that model.
+    """
+    base = Path(base).expanduser()
+    if not base.is_dir():
+        return describe_input(base)
+    entry = describe_input(base, only=(TOKENIZER_MODEL,))
+    if (base / "config.json").is_file() and any(p.suffix in WEIGHT_SUFFIXES for p in base.iterdir()):
+        entry["fingerprint"] = model_fingerprint(base)
+    return entry
+
+
 def merge_tokenizers(options: MergeOptions) -> MergeReport:
     """Merge Chinese SentencePiece pieces into a base LLaMA tokenizer, keeping every base id.
 
@@ -287,7 +303,7 @@ def merge_tokenizers(options: MergeOptions) -> MergeReport:
             tmp,
             command="vocab merge",
             options=options,
-            inputs={"base": options.base, "add": list(options.add), "words": list(options.words)},
+            inputs={"base": describe_base(options.base), "add": list(options.add), "words": list(options.words)},
             figures={**{k: v for k, v in report.__dict__.items() if k != "out"}, "seconds": round(time.time() - started, 2)},
             vocab_size=len(merged.pieces),
         )

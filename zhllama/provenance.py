@@ -35,11 +35,15 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def describe_input(path: str | Path) -> dict:
-    """A manifest entry for one input: path, size and hash (a directory: each file in it)."""
+def describe_input(path: str | Path, *, only: tuple[str, ...] | None = None) -> dict:
+    """A manifest entry for one input: path, size and hash (a directory: each file in it, or
+    just the files named in ``only`` — those a command reads of a larger directory)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if only is not None:
+            files = [path / name for name in only]
+        else:
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         return {
             "path": str(path.resolve()),
             "files": {str(p.relative_to(path)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files},
