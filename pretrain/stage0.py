@@ -85,9 +85,8 @@ def train_new_rows(model, base_rows: int, tokenizer_size: int, texts, merged_sp,
     """Stage 0: train only the new rows of the resized ``model`` (input embedding rows
     base_rows..tokenizer_size and, on an untied model, the same LM-head rows) on the sample, read
     in the merged tokenization, and on the base model's replay, in its own pieces; the base rows
-    and the decoder
-    stay frozen. Updates the rows in place; returns figures (sample and replay sizes, losses, the
-    step kept, and the cost in model token passes)."""
+    and the decoder stay frozen. Updates the rows in place; returns figures (sample and replay
+    sizes, losses, the step kept, and the cost in model token passes)."""
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
@@ -115,6 +114,7 @@ def train_new_rows(model, base_rows: int, tokenizer_size: int, texts, merged_sp,
 
     base_in = model.get_input_embeddings().weight[:base_rows].detach()
     base_out = model.get_output_embeddings().weight[:base_rows].detach()
+    base_head = base_out.float()  # once, not per batch: at 7B it is a 0.5 GB copy
     new_rows = slice(base_rows, tokenizer_size)
     trained_in = torch.nn.Parameter(model.get_input_embeddings().weight[new_rows].detach().float().clone())
     trained_out = trained_in if tied else torch.nn.Parameter(model.get_output_embeddings().weight[new_rows].detach().float().clone())
@@ -136,7 +136,7 @@ def train_new_rows(model, base_rows: int, tokenizer_size: int, texts, merged_sp,
         states = student_states(model, ids, mask, base_in, trained_in)
         predicting = mask[:, 1:].bool()  # position t predicts token t+1
         hidden = states[:, :-1][predicting]
-        logits = torch.cat([hidden @ base_out.float().T, hidden @ trained_out.T], dim=-1)
+        logits = torch.cat([hidden @ base_head.T, hidden @ trained_out.T], dim=-1)
         return F.cross_entropy(logits, ids[:, 1:][predicting], reduction=reduction)
 
     def mean_nll(held: list) -> float:
