@@ -60,6 +60,11 @@ class Edit:
             return (inp, out) if self.transpose else (out, inp)
         return None
 
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """A LoRA's update of the base matrix as ``(left, right, scaling)``, in fp32: W += scaling · left @ right."""
+        lora_a, lora_b = self.lora_a.to(torch.float32), self.lora_b.to(torch.float32)
+        return (lora_a.T, lora_b.T, self.scaling) if self.transpose else (lora_b, lora_a, self.scaling)
+
     def apply(self, weight: torch.Tensor, *, in_place: bool = True) -> torch.Tensor:
         """Apply to an fp32 ``weight`` and return the result: ``weight`` itself, changed in place
         where possible, or (``in_place=False``) a new tensor, ``weight`` left as it was; the values
@@ -68,8 +73,7 @@ class Edit:
             return self.value.to(torch.float32).clone()
         if self.kind == "lora":
             # in place (W += s·B@A without a temporary delta matrix): W is the largest thing in memory
-            lora_a, lora_b = self.lora_a.to(torch.float32), self.lora_b.to(torch.float32)
-            left, right = (lora_a.T, lora_b.T) if self.transpose else (lora_b, lora_a)
+            left, right, _ = self.lora_factors()
             if in_place:
                 return weight.addmm_(left, right, alpha=self.scaling)
             return torch.addmm(weight, left, right, alpha=self.scaling)

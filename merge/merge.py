@@ -12,11 +12,14 @@ in fp32: the output is streamed to disk tensor by tensor (see :mod:`zhllama.merg
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -151,11 +154,14 @@ def _merge_tensor(name: str, tensor: torch.Tensor, adapters: list[Adapter], dtyp
     made (``--verify``'s chain runs on it instead of converting the base a second time)."""
     if not tensor.is_floating_point():
         return tensor
+    chain = [(adapter, [e for e in adapter.edits if e.target == name]) for adapter in adapters]
+    chain = [(adapter, edits) for adapter, edits in chain if edits]
+    if not chain:
+        return tensor.to(dtype)
+    if tensor.dim() == 2 and all(e.kind == "lora" for _, edits in chain for e in edits):
+        return _merge_lora_blocks(name, tensor, chain, dtype, base_fp32)
     weight = None
-    for adapter in adapters:
-        edits = [e for e in adapter.edits if e.target == name]
-        if not edits:
-            continue
+    for adapter, edits in chain:
         keep = weight is None and base_fp32 is not None
         if weight is None:
             weight = tensor.to(torch.float32, copy=True)
@@ -165,13 +171,76 @@ def _merge_tensor(name: str, tensor: torch.Tensor, adapters: list[Adapter], dtyp
             weight = edit.apply(weight, in_place=not keep)
             keep = False
         if not _all_finite(weight):
-            raise ZhllamaError(f"adapter {adapter.directory} makes {name} non-finite (NaN/inf); the adapter is broken")
-    if weight is None:
-        return tensor.to(dtype)
+            raise _non_finite(adapter, name)
     merged = weight.to(dtype)
     if dtype.itemsize < 4 and not _all_finite(merged):
-        raise ZhllamaError(f"{name}: merged values overflow {str(dtype).removeprefix('torch.')}; choose --dtype bfloat16 or float32")
+        raise _overflow(name, dtype)
     return merged
+
+
+# rows of a matrix merged at a time: the fp32 block stays in the CPU cache from the base's copy
+# through every LoRA update and the check to the cast, instead of several passes over a whole
+# fp32 matrix in memory
+BLOCK_ROWS = 64
+
+
+def _merge_lora_blocks(name: str, tensor: torch.Tensor, chain: list[tuple[Adapter, list]], dtype: torch.dtype, base_fp32: dict | None) -> torch.Tensor:
+    """:func:`_merge_tensor` for a matrix that only LoRAs change: W + Σ s·B@A, a block of rows at a time."""
+    rows, columns = tensor.shape
+    factors = [(adapter, [edit.lora_factors() for edit in edits]) for adapter, edits in chain]
+    merged = torch.empty(tensor.shape, dtype=dtype)
+    block = torch.empty(min(BLOCK_ROWS, rows), columns, dtype=torch.float32)
+    # the base block in fp32: kept whole for --verify, else a scratch block
+    base = torch.empty(tensor.shape, dtype=torch.float32) if base_fp32 is not None else torch.empty_like(block)
+    if base_fp32 is not None:
+        base_fp32[name] = base
+    largest = torch.finfo(dtype).max
+    for start in range(0, rows, BLOCK_ROWS):
+        span = slice(start, start + BLOCK_ROWS)
+        part = block[: min(BLOCK_ROWS, rows - start)]
+        source = base[span] if base_fp32 is not None else base[: len(part)]
+        source.copy_(tensor[span])
+        part.copy_(source)
+        for _, loras in factors:
+            _add_loras(part, loras, span)
+        low, high = (v.item() for v in torch.aminmax(part))
+        if not (math.isfinite(low) and math.isfinite(high)):  # which adapter did it: the block again, one by one
+            part.copy_(source)
+            for adapter, loras in factors:
+                _add_loras(part, loras, span)
+                if not bool(torch.isfinite(part).all()):
+                    break
+            raise _non_finite(adapter, name)
+        if max(-low, high) > largest:
+            raise _overflow(name, dtype)
+        merged[span].copy_(part)
+    return merged
+
+
+def _add_loras(part: torch.Tensor, loras: list[tuple[torch.Tensor, torch.Tensor, float]], span: slice) -> None:
+    for left, right, scaling in loras:
+        part.addmm_(left[span], right, alpha=scaling)
+
+
+def _non_finite(adapter: Adapter, name: str) -> ZhllamaError:
+    return ZhllamaError(f"adapter {adapter.directory} makes {name} non-finite (NaN/inf); the adapter is broken")
+
+
+def _overflow(name: str, dtype: torch.dtype) -> ZhllamaError:
+    return ZhllamaError(f"{name}: merged values overflow {str(dtype).removeprefix('torch.')}; choose --dtype bfloat16 or float32")
+
+
+@contextlib.contextmanager
+def _core_left_for_the_writer() -> Iterator[None]:
+    """torch on one thread fewer: the merge arithmetic runs while the shard writer hashes and writes
+    on another core, where torch's idle threads would otherwise spin (the verify passes, between
+    the tensors, keep every thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _write_shards(base: Checkpoint, adapters: list[Adapter], tied: bool, dtype: torch.dtype, max_bytes: int, out: Path, verifier=None) -> dict[str, str]:
@@ -193,7 +262,7 @@ def _write_shards(base: Checkpoint, adapters: list[Adapter], tied: bool, dtype: 
     try:
         with tqdm(total=len(wanted), desc="merging", unit="tensor", file=sys.stderr) as progress:
             # the disk reads ahead and a worker hashes and writes, while this thread merges (and verifies)
-            for name, tensor in base.iter_tensors(prefetch=True):
+            for name, tensor in base.iter_tensors(stream=True):
                 if name not in shard_of:
                     continue
                 index = shard_of[name]
@@ -201,12 +270,14 @@ def _write_shards(base: Checkpoint, adapters: list[Adapter], tied: bool, dtype: 
                     writers[index] = ShardWriter(out / shards[index].filename, shards[index], background=True)
                 writer = writers[index]
                 base_fp32 = {} if verifier is not None and verifier.keeps(name) else None
-                writer.write(name, _merge_tensor(name, tensor, adapters, out_dtype(base.tensors[name]), base_fp32=base_fp32))
+                with _core_left_for_the_writer():
+                    merged = _merge_tensor(name, tensor, adapters, out_dtype(base.tensors[name]), base_fp32=base_fp32)
+                writer.write(name, merged)
                 if verifier is not None:
                     info = base.tensors[name]
                     written = (writer.ranges[name], TensorInfo(name, info.shape, out_dtype(info)), lambda w=writer, n=name: w.wait(n))
                     verifier.add(name, (base_fp32 or {}).pop(name, tensor), *written)
-                del tensor
+                del tensor, merged
                 if not writer.expected:
                     hashes[shards[index].filename] = writers.pop(index).close()
                 progress.update()

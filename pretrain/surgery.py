@@ -37,7 +37,7 @@ from zhllama.merge.checkpoint import (
     TensorInfo,
     parse_size,
     plan_shards,
-    read_ahead,
+    read_once,
     read_config,
     tied_embeddings,
     write_config,
@@ -109,10 +109,9 @@ def write_extended(
 def _sources(base: Checkpoint) -> Iterator[tuple[str, "torch.Tensor | ByteRange"]]:
     """Each base tensor in shard order: a safetensors tensor as the byte range it occupies (copied
     file to file, never decoded), a ``.bin`` one as a view of the shard's memory map (written once
-    from the map, no in-memory copy). Each shard is handed to the kernel to read ahead first, so
-    the disk reads the shard while the copy writes what came before."""
-    for shard in base.shards:
-        read_ahead(shard)
+    from the map, no in-memory copy). The shards are read once (:func:`read_once`): the disk reads
+    ahead while the copy writes what came before, and each shard leaves the page cache after."""
+    for shard in read_once(base.shards):
         if shard.suffix == ".safetensors":
             yield from base.byte_ranges(shard).items()
         else:

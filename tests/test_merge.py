@@ -212,6 +212,89 @@ def test_non_finite_adapter_and_half_precision_overflow_are_refused(tiny_model_d
     _refused(capsys, merge_args(tiny_model_dir, [adapter], out), out, str(adapter), key.removeprefix("base_model.model."), "NaN")
 
 
+def test_lora_only_matrices_merge_in_row_blocks_as_whole_matrices(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Matrices that only LoRAs change are merged a block of rows at a time (merge.BLOCK_ROWS):
+    with blocks that split every matrix unevenly, the weights equal W + Σ s·B@A applied to whole
+    matrices, --verify still agrees exactly, an adapter that makes a row of a later block NaN is
+    named, and the torch thread count merge lowers while it writes is restored either way."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    from zhllama.merge import merge as merge_module
+    from zhllama.merge.adapters import read_adapter
+
+    first = make_adapter(tiny_model_dir, [], LoraConfig(r=2, target_modules=["q_proj", "down_proj", "embed_tokens"]), tmp_path / "a", seed=20)
+    path = first / "adapter_model.safetensors"  # peft also saved the embedding whole: keep only the LoRA (stored transposed)
+    save_file({k: v for k, v in load_file(str(path)).items() if ".lora_" in k}, str(path))
+    second = make_adapter(tiny_model_dir, [first], LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj", "up_proj"]), tmp_path / "b", seed=21)
+    monkeypatch.setattr(merge_module, "BLOCK_ROWS", 9)
+    threads = torch.get_num_threads()
+    out = tmp_path / "merged"
+    assert main(merge_args(tiny_model_dir, [first, second], out, "--dtype", "float32", "--verify")) == 0
+    assert torch.get_num_threads() == threads
+
+    expected = {name: tensor.float() for name, tensor in weights(tiny_model_dir).items()}
+    edited, transposed = set(), False
+    for adapter in (first, second):
+        for edit in read_adapter(adapter).edits:
+            assert edit.kind == "lora"
+            expected[edit.target] = edit.apply(expected[edit.target])
+            edited.add(edit.target)
+            transposed = transposed or edit.transpose
+    merged = weights(out)
+    assert transposed and "model.embed_tokens.weight" in edited and all(expected[n].shape[0] > 9 and expected[n].shape[0] % 9 for n in edited)
+    assert all(torch.allclose(merged[n], expected[n], atol=1e-6, rtol=0) for n in expected)
+
+    path = second / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith("layers.1.mlp.up_proj.lora_B.weight"))
+    tensors[key][20, 0] = float("nan")  # row 20: the third block of 9
+    save_file(tensors, str(path))
+    _refused(capsys, merge_args(tiny_model_dir, [first, second], tmp_path / "nan"), tmp_path / "nan", str(second), "up_proj", "NaN", after_progress=True)
+    assert torch.get_num_threads() == threads
+
+
+def test_streamed_shards_are_read_ahead_and_let_go_of_once_read(tiny_model_dir, tmp_path, monkeypatch):
+    """Checkpoint.iter_tensors(stream=True) asks the kernel to read each shard ahead and, once its
+    last tensor has been handed out, to drop it from the page cache; the tensors are the same."""
+    import os
+    import threading
+
+    from peft import LoraConfig
+
+    from zhllama.merge.checkpoint import Checkpoint
+
+    adapter = make_adapter(tiny_model_dir, [], LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "a", seed=22)
+    sharded = tmp_path / "sharded"
+    assert main(merge_args(tiny_model_dir, [adapter], sharded, "--max-shard-size", "60KB")) == 0
+    checkpoint = Checkpoint(sharded)
+    assert len(checkpoint.shards) > 2
+    events = []
+    advise = os.posix_fadvise
+
+    def recording(fd, offset, length, advice):
+        events.append((Path(os.readlink(f"/proc/self/fd/{fd}")).name, advice))
+        return advise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", recording)
+    streamed = []
+    for name, tensor in checkpoint.iter_tensors(stream=True):
+        events.append((checkpoint.shard_of[name].name, "tensor"))
+        streamed.append((name, tensor.clone()))
+    plain = list(checkpoint.iter_tensors())
+    for thread in threading.enumerate():
+        if thread.name == "read-ahead":  # the kernel is asked to read ahead from a thread
+            thread.join()
+    assert [n for n, _ in streamed] == [n for n, _ in plain] and all(torch.equal(a, b) for (_, a), (_, b) in zip(streamed, plain))
+    handed_out = [name for name, kind in events if kind == "tensor"]
+    for shard in checkpoint.shards:
+        assert events.count((shard.name, os.POSIX_FADV_WILLNEED)) == 1 and events.count((shard.name, os.POSIX_FADV_DONTNEED)) == 1
+        dropped = events.index((shard.name, os.POSIX_FADV_DONTNEED))
+        before = [name for name, kind in events[:dropped] if kind == "tensor"]
+        # let go of after its last tensor, before the next shard's first
+        assert before == handed_out[: len(before)] and before[-1] == shard.name and shard.name not in handed_out[len(before):]
+
+
 def test_bin_input_gives_the_same_checkpoint(tiny_model_dir, tmp_path):
     from peft import LoraConfig
 

@@ -108,6 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"zhllama {__version__}")
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # before torch is imported (it reads this once): torch's CPU tensors of 2 MiB and more get
+    # transparent huge pages, so the steps that stream multi-GB checkpoints through fresh tensors
+    # do not pay a page fault every 4 KiB
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     try:
         name, rest = _split_command(argv)
         run_command(name, rest)
