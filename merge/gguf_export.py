@@ -190,7 +190,7 @@ def _export(model_dir: Path, gguf_file: Path, tokenizer_dir: str | Path | None, 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for name, tensor in checkpoint.iter_tensors():
+    for name, tensor in checkpoint.iter_tensors(stream=True):
         if name not in names:
             continue
         if name.endswith("self_attn.q_proj.weight"):
