@@ -232,9 +232,8 @@ def _overflow(name: str, dtype: torch.dtype) -> ZhllamaError:
 
 @contextlib.contextmanager
 def _core_left_for_the_writer() -> Iterator[None]:
-    """torch on one thread fewer: the merge arithmetic runs while the shard writer hashes and writes
-    on another core, where torch's idle threads would otherwise spin (the verify passes, between
-    the tensors, keep every thread)."""
+    """torch on one thread fewer: merge (and verify) compute while the shard writer hashes and
+    writes on another core, where torch's idle threads would otherwise spin."""
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - 1))
     try:
@@ -260,7 +259,7 @@ def _write_shards(base: Checkpoint, adapters: list[Adapter], tied: bool, dtype: 
     writers: dict[int, ShardWriter] = {}
     hashes: dict[str, str] = {}
     try:
-        with tqdm(total=len(wanted), desc="merging", unit="tensor", file=sys.stderr) as progress:
+        with _core_left_for_the_writer(), tqdm(total=len(wanted), desc="merging", unit="tensor", file=sys.stderr) as progress:
             # the disk reads ahead and a worker hashes and writes, while this thread merges (and verifies)
             for name, tensor in base.iter_tensors(stream=True):
                 if name not in shard_of:
@@ -270,14 +269,12 @@ def _write_shards(base: Checkpoint, adapters: list[Adapter], tied: bool, dtype: 
                     writers[index] = ShardWriter(out / shards[index].filename, shards[index], background=True)
                 writer = writers[index]
                 base_fp32 = {} if verifier is not None and verifier.keeps(name) else None
-                with _core_left_for_the_writer():
-                    merged = _merge_tensor(name, tensor, adapters, out_dtype(base.tensors[name]), base_fp32=base_fp32)
-                writer.write(name, merged)
+                writer.write(name, _merge_tensor(name, tensor, adapters, out_dtype(base.tensors[name]), base_fp32=base_fp32))
                 if verifier is not None:
                     info = base.tensors[name]
                     written = (writer.ranges[name], TensorInfo(name, info.shape, out_dtype(info)), lambda w=writer, n=name: w.wait(n))
                     verifier.add(name, (base_fp32 or {}).pop(name, tensor), *written)
-                del tensor, merged
+                del tensor
                 if not writer.expected:
                     hashes[shards[index].filename] = writers.pop(index).close()
                 progress.update()
