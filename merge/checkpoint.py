@@ -217,8 +217,7 @@ def read_once(shards: list[Path]) -> Iterator[Path]:
     The kernel reads a shard into the page cache in the background from the moment the one
     before it is handed out, so the disk keeps reading while the caller computes and the caller
     finds the pages there; once the caller asks for the next shard, the last one's pages leave
-    the cache. The kernel hands out those freed pages next, for the output being written, instead
-    of memory untouched for a while (which a virtual machine makes far dearer to hand out). Both
+    the cache, so a stream of many GB does not fill memory with pages nobody reads again. Both
     are hints: they change no byte read."""
     for index, shard in enumerate(shards):
         if index == 0:

@@ -190,16 +190,16 @@ def _merge_lora_blocks(name: str, tensor: torch.Tensor, chain: list[tuple[Adapte
     factors = [(adapter, [edit.lora_factors() for edit in edits]) for adapter, edits in chain]
     merged = torch.empty(tensor.shape, dtype=dtype)
     block = torch.empty(min(BLOCK_ROWS, rows), columns, dtype=torch.float32)
-    # the base block in fp32: kept whole for --verify, else a scratch block
-    base = torch.empty(tensor.shape, dtype=torch.float32) if base_fp32 is not None else torch.empty_like(block)
-    if base_fp32 is not None:
-        base_fp32[name] = base
+    base = None
+    if base_fp32 is not None:  # --verify's fp32 copy of the base, filled block by block on the way
+        base = base_fp32[name] = torch.empty(tensor.shape, dtype=torch.float32)
     largest = torch.finfo(dtype).max
     for start in range(0, rows, BLOCK_ROWS):
         span = slice(start, start + BLOCK_ROWS)
         part = block[: min(BLOCK_ROWS, rows - start)]
-        source = base[span] if base_fp32 is not None else base[: len(part)]
-        source.copy_(tensor[span])
+        source = tensor[span]
+        if base is not None:
+            source = base[span].copy_(source)
         part.copy_(source)
         for _, loras in factors:
             _add_loras(part, loras, span)
