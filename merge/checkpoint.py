@@ -225,7 +225,15 @@ def read_once(shards: list[Path]) -> Iterator[Path]:
         if index + 1 < len(shards):
             _advise(shards[index + 1], "POSIX_FADV_WILLNEED", background=True)
         yield shard
-        _advise(shard, "POSIX_FADV_DONTNEED")
+        drop_from_page_cache(shard)
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """Ask the kernel to drop ``path``'s pages from the page cache: at once those already on the
+    disk; the others (written, not yet flushed) it starts writing, and a later call drops them.
+    A stream that writes many GB then does not fill memory, where each new page would cost a
+    reclaim."""
+    _advise(path, "POSIX_FADV_DONTNEED")
 
 
 def _advise(path: Path, advice: str, *, background: bool = False) -> None:

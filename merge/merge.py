@@ -43,6 +43,7 @@ from zhllama.merge.checkpoint import (
     Checkpoint,
     ShardWriter,
     TensorInfo,
+    drop_from_page_cache,
     parse_size,
     plan_shards,
     read_config,
@@ -277,6 +278,11 @@ def _write_shards(base: Checkpoint, adapters: list[Adapter], tied: bool, dtype: 
                 del tensor
                 if not writer.expected:
                     hashes[shards[index].filename] = writers.pop(index).close()
+                    # out of the page cache, each shard written that verify has read back, at every
+                    # close: the pages flushed to the disk since the last call go too
+                    for written in hashes:
+                        if verifier is None or verifier.done_with(out / written):
+                            drop_from_page_cache(out / written)
                 progress.update()
     except BaseException:
         for writer in writers.values():

@@ -178,6 +178,14 @@ class Verifier:
             self.embedding = (written, info, on_file)
         self._run_ready_layers(lag=1)
 
+    def done_with(self, path: Path) -> bool:
+        """Whether the merged pass has read back every tensor it needs from the file ``path`` (all
+        but the final norm and head, which :meth:`finish` reads)."""
+        pending = [where for layer in self.written.values() for where, _, _ in layer.values()]
+        if self.merged_pass is None and self.embedding is not None:
+            pending.append(self.embedding[0])
+        return all(where.path != path for where in pending)
+
     def _complete(self, index: int) -> bool:
         names = self.layer_names[index]
         return set(self.base.get(index, {})) == names and set(self.written.get(index, {})) == names

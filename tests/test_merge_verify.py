@@ -96,6 +96,30 @@ def test_verify_reads_neither_checkpoint_again(tiny_model_dir, untied_chain, tmp
     assert streams == [tiny_model_dir] and not [n for n in reads if ".layers." in n]
 
 
+def test_merged_shards_leave_the_page_cache_once_verify_has_read_them(tiny_model_dir, untied_chain, tmp_path, monkeypatch):
+    """merge drops each merged shard it has written from the page cache, but with --verify only
+    once the merged pass has read back every layer in it (the final norm and head excepted)."""
+    from zhllama.merge import checkpoint, merge as merge_module
+
+    events = []
+    original_read = checkpoint.read_range
+    monkeypatch.setattr(checkpoint, "read_range", lambda source, info, *a: events.append(("read", source.path.name, info.name)) or original_read(source, info, *a))
+    monkeypatch.setattr("zhllama.merge.verify.read_range", checkpoint.read_range)
+    monkeypatch.setattr(merge_module, "drop_from_page_cache", lambda path: events.append(("drop", path.name, None)))
+    out = tmp_path / "merged"
+    assert main(merge_args(tiny_model_dir, untied_chain, out, "--dtype", "float32", "--max-shard-size", "60KB", "--verify")) == 0
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    dropped = {name for kind, name, _ in events if kind == "drop"}
+    assert len(shards) > 2 and set(shards[:-1]) <= dropped <= set(shards)
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    read_back = {weight_map[n] for n in weight_map if ".layers." in n or n == "model.embed_tokens.weight"}
+    assert read_back & dropped
+    for shard in dropped:
+        first_drop = events.index(("drop", shard, None))
+        assert (shard in read_back) == any(e[:2] == ("read", shard) for e in events[:first_drop])
+        assert not [e for e in events[first_drop:] if e[:2] == ("read", shard)]
+
+
 def test_verify_with_layers_out_of_order_in_the_shards(tiny_model_dir, tmp_path):
     """Shards that hold a later decoder layer before an earlier one (as name-sorted shards do):
     the layers wait until the one before them has run."""
