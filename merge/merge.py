@@ -280,9 +280,9 @@ def _write_shards(base: Checkpoint, adapters: list[Adapter], tied: bool, dtype: 
                     hashes[shards[index].filename] = writers.pop(index).close()
                     # out of the page cache, each shard written that verify has read back, at every
                     # close: the pages flushed to the disk since the last call go too
-                    for written in hashes:
-                        if verifier is None or verifier.done_with(out / written):
-                            drop_from_page_cache(out / written)
+                    for filename in hashes:
+                        if verifier is None or verifier.done_with(out / filename):
+                            drop_from_page_cache(out / filename)
                 progress.update()
     except BaseException:
         for writer in writers.values():
