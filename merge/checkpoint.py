@@ -459,25 +459,19 @@ class ShardWriter:
 
     def write_parts(self, name: str, parts: list["torch.Tensor | ByteRange"]) -> None:
         """Tensor ``name`` as the concatenation of ``parts``' bytes: tensors (of its dtype) and byte
-        ranges of other files (copied in the kernel unless the shard's digest needs the bytes)."""
+        ranges of other files, copied file to file in the kernel (so a writer that hashes what it
+        writes, whose bytes must pass through it, takes no byte ranges)."""
         info = self.expected.pop(0)
         sizes = [p.length if isinstance(p, ByteRange) else p.numel() * p.element_size() for p in parts]
         wrong_dtype = any(not isinstance(p, ByteRange) and p.dtype != info.dtype for p in parts)
-        if info.name != name or sum(sizes) != info.numel * info.dtype.itemsize or wrong_dtype:
+        ranges_hashed = self.sha256 is not None and any(isinstance(p, ByteRange) for p in parts)
+        if info.name != name or sum(sizes) != info.numel * info.dtype.itemsize or wrong_dtype or ranges_hashed:
             raise RuntimeError(f"internal error: shard {self.path.name} expected {info}, got {name} in parts of {sizes} bytes")
         for part in parts:
-            if not isinstance(part, ByteRange):
-                self._write(_bytes_of(part))
-            elif self.sha256 is None:
+            if isinstance(part, ByteRange):
                 self._submit(_copy_range, part, self.fh.fileno(), nbytes=0)
             else:
-                with open(part.path, "rb") as src:
-                    for offset in range(part.offset, part.offset + part.length, 64 << 20):
-                        want = min(64 << 20, part.offset + part.length - offset)
-                        data = os.pread(src.fileno(), want, offset)
-                        if len(data) != want:
-                            raise ZhllamaError(f"{part.path}: ends before byte {offset + want}; the file is truncated, copy or download it again")
-                        self._write(data)
+                self._write(_bytes_of(part))
         if self._pending:
             self._written[name] = self._pending[-1][0]
 

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from zhllama.errors import ZhllamaError
-from zhllama.layerwise import Batch, LayerwiseModel
+from zhllama.layerwise import Batch, LayerwiseModel, Pass
 from zhllama.merge.checkpoint import EMBEDDING, FINAL_NORM, OUTPUT_EMBEDDING, ByteRange, TensorInfo, read_range
 from zhllama.merge.adapters import PREFIX, Adapter
 
@@ -35,6 +35,15 @@ SAMPLE_TEXT = "从前有一座山，山里有一座庙。Once upon a time, there
 RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
 MAX_EXTRA_ROWS = 64
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def _layer_weight(name: str) -> tuple[int, str] | None:
+    """(layer index, name within the layer) of a decoder layer's weight; None for anything else
+    (including the ``rotary_emb.inv_freq`` buffer old checkpoints store)."""
+    match = _LAYER.fullmatch(name)
+    if match is None or name.endswith("rotary_emb.inv_freq"):
+        return None
+    return int(match.group(1)), match.group(2)
 
 
 def sample_ids(tokenizer_dir: Path, adapters: list[Adapter], rows: int) -> list[int]:
@@ -136,8 +145,6 @@ class Verifier:
     compares the logits."""
 
     def __init__(self, merged_dir: Path, model_dir: Path, adapters: list[Adapter], dtype: str, tokenizer_dir: Path, *, device: str = "cpu"):
-        from zhllama.layerwise import Pass
-
         self.merged_dir, self.dtype = merged_dir, dtype
         self.adapters = adapters
         self.chain = LayerwiseModel(model_dir, device=device, edit_layer=_peft_wrapper(adapters))
@@ -151,27 +158,24 @@ class Verifier:
         self.embedding = None  # where the merged embedding was written
         self.merged_pass = None  # from the merged embedding, once on the file
         self.layer_names = {}  # layer index -> its tensor names (without the prefix)
-        for name in self.chain.checkpoint.tensors:
-            match = _LAYER.fullmatch(name)
-            if match and not name.endswith("rotary_emb.inv_freq"):
-                self.layer_names.setdefault(int(match.group(1)), set()).add(match.group(2))
+        for index, part in filter(None, map(_layer_weight, self.chain.checkpoint.tensors)):
+            self.layer_names.setdefault(index, set()).add(part)
         self.base: dict[int, dict[str, torch.Tensor]] = {}
-        self.written: dict[int, dict[str, tuple[ByteRange, TensorInfo]]] = {}
+        # layer index -> name within the layer -> (where it was written, as what, wait until on the file)
+        self.written: dict[int, dict[str, tuple[ByteRange, TensorInfo, Callable[[], None]]]] = {}
         self.next_chain = self.next_layer = 0  # the next decoder layer of each side to run
 
     @staticmethod
     def keeps(name: str) -> bool:
         """Whether :meth:`add` keeps tensor ``name``'s base values (a decoder layer's weights) until its layer runs."""
-        return bool(_LAYER.fullmatch(name)) and not name.endswith("rotary_emb.inv_freq")
+        return _layer_weight(name) is not None
 
     def add(self, name: str, base_tensor: torch.Tensor, written: ByteRange, info: TensorInfo, on_file: Callable[[], None] = lambda: None) -> None:
         """Tensor ``name`` merged: ``base_tensor`` as read from the base, written to ``written`` as
         ``info``; ``on_file()`` returns once those bytes are on the file (the merge writes in the background)."""
-        match = _LAYER.fullmatch(name)
-        if match and name.endswith("rotary_emb.inv_freq"):
-            pass  # a buffer of old checkpoints, not a weight of the layer
-        elif match:
-            index, part = int(match.group(1)), match.group(2)
+        layer = _layer_weight(name)
+        if layer is not None:
+            index, part = layer
             self.base.setdefault(index, {})[part] = base_tensor
             self.written.setdefault(index, {})[part] = (written, info, on_file)
         elif name == EMBEDDING:
@@ -194,8 +198,6 @@ class Verifier:
         """Run the layers whose tensors are all in, in order: the chain's at once (its fp32 weights
         are freed after), the merged one from the file ``lag`` layers later, so its bytes are read
         back once the merge's background writer has written them, while it writes the next ones."""
-        from zhllama.layerwise import Pass
-
         while self.next_chain in self.layer_names and self._complete(self.next_chain):
             self.chain_pass.step(self.chain.build_layer(self.next_chain, self.base.pop(self.next_chain)))
             self.next_chain += 1

@@ -228,10 +228,13 @@ def test_lora_only_matrices_merge_in_row_blocks_as_whole_matrices(tiny_model_dir
     save_file({k: v for k, v in load_file(str(path)).items() if ".lora_" in k}, str(path))
     second = make_adapter(tiny_model_dir, [first], LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj", "up_proj"]), tmp_path / "b", seed=21)
     monkeypatch.setattr(merge_module, "BLOCK_ROWS", 9)
-    threads = torch.get_num_threads()
+    threads, while_merging = 2, []
+    torch.set_num_threads(threads)  # the one_torch_thread fixture restores its own count after
+    original = merge_module._merge_lora_blocks
+    monkeypatch.setattr(merge_module, "_merge_lora_blocks", lambda *a: while_merging.append(torch.get_num_threads()) or original(*a))
     out = tmp_path / "merged"
     assert main(merge_args(tiny_model_dir, [first, second], out, "--dtype", "float32", "--verify")) == 0
-    assert torch.get_num_threads() == threads
+    assert while_merging and set(while_merging) == {threads - 1} and torch.get_num_threads() == threads
 
     expected = {name: tensor.float() for name, tensor in weights(tiny_model_dir).items()}
     edited, transposed = set(), False
